@@ -1,0 +1,113 @@
+"""How a (prompt, response) pair becomes tokens, and which of them carry the loss.
+
+Two prompt formats:
+
+* ``chat``: the tokenizer's chat template renders the user turn and opens the assistant turn; the response
+  follows as the assistant's text.
+* ``raw``: the prompt text immediately followed by the response text, with no template and no separator.
+
+Prompt and response are tokenised separately and concatenated, so the boundary between context and targets is
+exact: the loss (labels != -100) covers the response tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+PromptFormat = Literal["chat", "raw"]
+PROMPT_FORMATS: tuple[str, ...] = ("chat", "raw")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one example; ``n_prompt`` leading ids are context, the rest are response targets."""
+
+    input_ids: list[int]
+    n_prompt: int
+
+    @property
+    def n_response(self) -> int:
+        return len(self.input_ids) - self.n_prompt
+
+
+def render_prompt(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> str:
+    """The text the model sees before its answer starts."""
+    if fmt == "raw":
+        return prompt
+    if fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt format 'chat' needs a tokenizer with a chat template; use --format raw")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    raise ValueError(f"unknown prompt format {fmt!r}; expected one of {PROMPT_FORMATS}")
+
+
+def prompt_ids(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> list[int]:
+    """Token ids of the rendered prompt. Raw prompts get the tokenizer's BOS token if it adds one."""
+    text = render_prompt(tokenizer, prompt, fmt)
+    # A chat template already writes its own special tokens; a raw prompt gets BOS the way the tokenizer adds it.
+    return list(tokenizer(text, add_special_tokens=(fmt == "raw"))["input_ids"])
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"])
+
+
+def encode_pair(
+    tokenizer, prompt: str, response: str, fmt: PromptFormat = "chat", max_length: int | None = None
+) -> Encoded:
+    """Tokenise a pair; if too long, cut the response's tail, and the prompt's head only if it alone is too long."""
+    p_ids = prompt_ids(tokenizer, prompt, fmt)
+    r_ids = response_ids(tokenizer, response)
+    if not r_ids:
+        raise ValueError(f"empty response for prompt {prompt[:60]!r}")
+    if max_length is not None and len(p_ids) + len(r_ids) > max_length:
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        keep_response = max(1, min(len(r_ids), max_length // 2, max_length - len(p_ids)))
+        keep_prompt = max_length - keep_response
+        p_ids = p_ids[len(p_ids) - keep_prompt :]
+        r_ids = r_ids[: max_length - len(p_ids)]
+    return Encoded(p_ids + r_ids, len(p_ids))
+
+
+def collate_for_loss(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels that are -100 everywhere but on response tokens."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, e.n_prompt : n] = torch.tensor(e.input_ids[e.n_prompt :])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def per_example_response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over each example's response tokens: shape (batch,). Logits (B, T, V), labels (B, T)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    token_nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return token_nll.sum(dim=1) / counts
+
+
+def pad_id_of(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an EOS token")
+    return int(pad)
