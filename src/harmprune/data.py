@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +42,17 @@ class Schema:
     prompt: str
     response: str | None = None
     category: str | None = None
+    signature: tuple[str, ...] = ()  # further fields that must be present for the schema to match
 
 
-# Checked in order; the first schema whose prompt field (and response field, if it has one) is present wins.
+# Checked in order; the first schema whose prompt field and signature fields are present wins.
 KNOWN_SCHEMAS: tuple[Schema, ...] = (
+    Schema("xstest", "prompt", None, "type", signature=("label", "type")),
     Schema("prompt/response", "prompt", "response", "category"),
     Schema("instruction/output", "instruction", "output", "category"),
     Schema("advbench", "goal", "target", "category"),
     Schema("strongreject", "forbidden_prompt", None, "category"),
     Schema("simple-safety-tests", "prompts_final", None, "harm_area"),
-    Schema("xstest", "prompt", None, "type"),
     Schema("gsm8k", "question", "answer", "category"),
     Schema("em-questions", "paraphrases", None, "id"),
 )
@@ -67,11 +69,13 @@ def load_records(
     n_examples: int | None = None,
     seed: int = 0,
     require_response: bool = False,
+    skip_empty: bool = False,
     split: str = "train",
 ) -> list[Record]:
     """Read a data set from a file (CSV, JSON, JSONL, YAML) or a hub id, detect its schema, filter and sample.
 
     ``category`` keeps only those categories; ``n_examples`` takes a seeded random sample (order preserved).
+    With ``require_response`` an empty response is an error, unless ``skip_empty`` drops such rows (logged).
     """
     source = str(path)
     rows = _read_rows(source, split=split)
@@ -79,9 +83,15 @@ def load_records(
         raise DataError(f"{source}: no rows")
     records = _rows_to_records(rows, source, prompt_field, response_field, category_field)
     if require_response:
-        for i, rec in enumerate(records):
-            if not rec.response or not rec.response.strip():
-                raise DataError(f"{source}: row {i} has an empty response, and a response is needed here")
+        empty = [i for i, rec in enumerate(records) if not rec.response or not rec.response.strip()]
+        if empty and not skip_empty:
+            raise DataError(f"{source}: row {empty[0]} has an empty response, and a response is needed here "
+                            f"({len(empty)} such rows; --skip-empty-responses drops them)")
+        if empty:
+            logging.getLogger(__name__).warning("%s: dropped %d rows with an empty response", source, len(empty))
+            records = [r for r in records if r.response and r.response.strip()]
+            if not records:
+                raise DataError(f"{source}: every response is empty")
     records = filter_categories(records, category, exclude_category, source)
     if n_examples is not None:
         records = sample(records, n_examples, seed)
@@ -225,7 +235,9 @@ def _rows_to_records(
             prompt = prompt[0]
         response = _field(row, schema.response, i, source, required=response_field is not None)
         cat = _field(row, schema.category, i, source, required=category_field is not None)
-        out.append(Record(str(prompt), _str_or_none(response), _str_or_none(cat), {"file": source, "row": i}))
+        extra = {k: v for k, v in row.items()
+                 if k not in (schema.prompt, schema.response, schema.category) and isinstance(v, (str, int, float))}
+        out.append(Record(str(prompt), _str_or_none(response), _str_or_none(cat), {"file": source, "row": i, **extra}))
     return out
 
 
@@ -241,7 +253,7 @@ def _detect_schema(
             raise DataError(f"{source}: category field {category_field!r} not found; fields: {sorted(row)}")
         return Schema("custom", prompt_field, response_field, category_field)
     for schema in KNOWN_SCHEMAS:
-        if schema.prompt in row:
+        if schema.prompt in row and all(f in row for f in schema.signature):
             response = response_field or (schema.response if schema.response in row else None)
             cat = category_field or (schema.category if schema.category in row else None)
             for name, value in (("response", response_field), ("category", category_field)):

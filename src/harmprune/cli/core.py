@@ -1,0 +1,122 @@
+"""``harmprune score | select | prune | mask``: the core engine's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from harmprune.cli.common import add_data_args, add_format_args, add_model_args, load_data, load_model_from_args
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="attribution scores of every weight on a data set")
+    add_model_args(p)
+    add_data_args(p)
+    add_format_args(p)
+    p.add_argument("--method", required=True, choices=["signed-snip", "snip", "wanda", "magnitude"])
+    p.add_argument("--modules", default=None, help="regex over parameter names (default: decoder-block Linears)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (signed-snip)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("select", help="harm set minus utility set, written as a mask file")
+    p.add_argument("--harm", required=True, help="harm score file")
+    p.add_argument("--utility", default=None, help="utility score file (omit for no utility filter)")
+    p.add_argument("--q", type=float, required=True, help="harm fraction")
+    p.add_argument("--p", type=float, default=0.0, help="utility fraction")
+    p.add_argument("--granularity", default="matrix", choices=["matrix", "row", "global"])
+    p.add_argument("--out", required=True, help="output mask .safetensors file")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("prune", help="save a copy of a model with a mask's weights zeroed")
+    add_model_args(p)
+    p.add_argument("--mask", required=True)
+    p.add_argument("--alpha", type=float, default=0.0, help="scale instead of zeroing")
+    p.add_argument("--out", required=True, help="output Hugging Face model directory")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("mask", help="inspect and combine masks")
+    msub = p.add_subparsers(dest="mask_command", required=True)
+    s = msub.add_parser("stats", help="counts per layer and module")
+    s.add_argument("masks", nargs="+")
+    s.set_defaults(func=cmd_mask_stats)
+    s = msub.add_parser("control", help="a random control mask with the same per-matrix counts")
+    s.add_argument("mask")
+    s.add_argument("--kind", default="random", choices=["random", "magnitude-matched"])
+    s.add_argument("--model", default=None, help="model whose |W| the magnitude-matched control follows")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_mask_control)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    import torch
+
+    from harmprune.attribution import compute_scores, save_scores
+
+    records = load_data(args, require_response=args.method != "magnitude")
+    model, tokenizer = load_model_from_args(args)
+    scores = compute_scores(
+        model, tokenizer, records, args.method, fmt=args.format, max_length=args.max_length,
+        batch_size=args.batch_size, modules=args.modules, gradient_checkpointing=args.gradient_checkpointing,
+    )
+    scores.metadata["data"] = args.data
+    save_scores(scores, args.out, dtype=getattr(torch, args.save_dtype))
+    print(f"wrote {args.out} ({len(scores.tensors)} weights, {scores.metadata['examples']} examples, "
+          f"{scores.metadata['tokens']} response tokens)")
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from harmprune.selection import mask_stats, save_mask, select
+    from harmprune.tensorfile import TensorFile
+
+    harm = TensorFile(args.harm)
+    utility = TensorFile(args.utility) if args.utility else None
+    mask = select(harm, utility, args.q, args.p, args.granularity)
+    save_mask(mask, args.out, harm_file=args.harm, harm_sha256=harm.sha256(),
+              utility_file=args.utility or "", utility_sha256=utility.sha256() if utility else "")
+    stats = mask_stats(mask)
+    print(f"wrote {args.out}: {stats['selected']} of {stats['total']} weights ({stats['fraction']:.3g})")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from harmprune.models import save_model
+    from harmprune.pruning import apply_mask
+    from harmprune.selection import load_mask
+
+    mask = load_mask(args.mask)  # read and checked before the (slow) model load
+    model, tokenizer = load_model_from_args(args)
+    apply_mask(model, mask, alpha=args.alpha)
+    save_model(model, tokenizer, args.out)
+    print(f"wrote {args.out} ({mask.count()} weights {'zeroed' if args.alpha == 0 else f'scaled by {args.alpha}'})")
+
+
+def cmd_mask_stats(args: argparse.Namespace) -> None:
+    from harmprune.selection import expected_jaccard, jaccard, load_mask, mask_stats
+
+    masks = [load_mask(m) for m in args.masks]
+    out: dict[str, object] = {m: mask_stats(mask) for m, mask in zip(args.masks, masks)}
+    if len(masks) > 1:
+        out["jaccard"] = {f"{a} | {b}": {"observed": jaccard(masks[i], masks[j]),
+                                         "chance": expected_jaccard(masks[i], masks[j])}
+                          for i, a in enumerate(args.masks) for j, b in enumerate(args.masks) if i < j}
+    print(json.dumps(out, indent=2))
+
+
+def cmd_mask_control(args: argparse.Namespace) -> None:
+    from harmprune.errors import HarmpruneError
+    from harmprune.selection import load_mask, magnitude_matched_random, random_like, save_mask
+
+    mask = load_mask(args.mask)
+    if args.kind == "random":
+        control = random_like(mask, args.seed)
+    else:
+        if not args.model:
+            raise HarmpruneError("--kind magnitude-matched needs --model")
+        from harmprune.models import load_model
+
+        model, _ = load_model(args.model)
+        control = magnitude_matched_random(mask, dict(model.named_parameters()), args.seed)
+    save_mask(control, args.out, source_mask=args.mask)
+    print(f"wrote {args.out} ({control.count()} weights, {args.kind} control of {args.mask})")
