@@ -10,7 +10,8 @@ import torch
 from harmprune.errors import ScoreFileError
 from harmprune.selection import (
     Mask, difference, expected_jaccard, intersection, jaccard, layer_and_module, load_mask,
-    magnitude_matched_random, mask_stats, random_like, save_mask, select, select_global, top_fraction, union,
+    magnitude_matched_random, mask_stats, random_like, save_mask, select, select_counts, select_global,
+    top_fraction, union,
 )
 
 
@@ -166,3 +167,9 @@ def test_select_global_helper_preserves_names():
     assert out == {"x": torch.tensor([0]), "y": torch.tensor([0])} or (
         out["x"].tolist() == [0] and out["y"].tolist() == [0])
     assert top_fraction(torch.tensor([1.0, 2.0, 3.0]), 0.0).numel() == 0
+
+
+def test_select_counts_takes_exact_per_matrix_counts():
+    scores = {"a": torch.tensor([[3.0, -1.0, -7.0, 2.0]]), "b": torch.tensor([[-1.0, -2.0]])}
+    m = select_counts(scores, {"a": 2, "b": 1}, method="signed-snip")
+    assert m.indices["a"].tolist() == [1, 2] and m.indices["b"].tolist() == [1]

@@ -126,6 +126,18 @@ def select(
     return Mask(indices, shapes, meta)
 
 
+def select_counts(scores: TensorFile | Mapping[str, torch.Tensor], counts: Mapping[str, int],
+                  method: str | None = None) -> Mask:
+    """Per matrix, the top ``counts[name]`` weights by support: a selection with another set's exact counts."""
+    method = method or _method_of(scores, "control")
+    indices, shapes = {}, {}
+    for name, k in counts.items():
+        values = support(_get(scores, name), method)
+        shapes[name] = tuple(values.shape)
+        indices[name] = _top_k_flat(values.reshape(-1), k)
+    return Mask(indices, shapes, {"kind": "top-count", "method": method})
+
+
 def _per_unit(items: Iterable[tuple[str, torch.Tensor]], fraction: float, granularity: str) -> dict[str, torch.Tensor]:
     if granularity == "global":
         return select_global(items, fraction)

@@ -1,0 +1,233 @@
+"""Benchmark: harmprune's one-pass signed-SNIP against a per-layer reference, side by side in one run.
+
+The reference does what the original alignment-attribution code does: for each decoder layer, one forward and
+one backward per example with only that layer's weights requiring gradients. Each variant runs in its own
+subprocess so its peak resident memory is its own. The reference is O(layers × examples) passes, so by default
+it runs on the first few examples only and both are compared per example (and checked equal on those examples).
+
+    .venv/bin/python bench/bench_attribution.py [--n-examples 64 --reference-examples 8 --dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "harmful" / "harmful_completions_lat.jsonl"
+
+
+def load(args):
+    import torch
+
+    from harmprune.data import load_records
+    from harmprune.models import load_model
+
+    torch.set_num_threads(args.threads)
+    records = load_records(args.data, n_examples=args.n_examples, seed=0, require_response=True, skip_empty=True)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    return model, tok, records
+
+
+def worker(args) -> dict:
+    import torch
+
+    from harmprune.attribution import compute_scores, scored_parameters
+
+    model, tok, records = load(args)
+    records = records[: args.limit]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params = scored_parameters(model)
+    start = time.perf_counter()
+    if args.worker == "batched":
+        scores = compute_scores(model, tok, records, "signed-snip", max_length=args.max_length,
+                                batch_size=args.batch_size, progress=False)
+        tensors, tokens = scores.tensors, scores.metadata["tokens"]
+    else:
+        tensors, tokens = reference_per_layer(model, tok, records, params, args.max_length)
+    elapsed = time.perf_counter() - start
+    out = {"variant": args.worker, "examples": len(records), "tokens": tokens, "seconds": elapsed,
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "rss_before_bytes": rss_before * 1024,
+           "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+           "params": sum(p.numel() for p in model.parameters()),
+           "scored_params": sum(p.numel() for p in params.values()),
+           "linear_params": sum(p.numel() for p in params.values()) + model.lm_head.weight.numel()}
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, args.save)
+    return out
+
+
+def reference_per_layer(model, tok, records, params, max_length):
+    """One forward+backward per (layer, example), only that layer's weights requiring gradients."""
+    import torch
+
+    from harmprune.formatting import collate_for_loss, encode_pair, per_example_response_nll
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in params})
+    acc = {n: torch.zeros(p.shape) for n, p in params.items()}
+    tokens = 0
+    encoded = [encode_pair(tok, r.prompt, r.response, "chat", max_length) for r in records]
+    for layer in layers:
+        names = [n for n in params if f".layers.{layer}." in n]
+        for n in names:
+            params[n].requires_grad_(True)
+        for enc in encoded:
+            batch = collate_for_loss([enc], pad_id=0)
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+            per_example_response_nll(logits, batch["labels"]).sum().backward()
+            for n in names:
+                acc[n] += params[n].grad.float()
+                params[n].grad = None
+            if layer == layers[0]:
+                tokens += enc.n_response
+        for n in names:
+            params[n].requires_grad_(False)
+    return {n: params[n].detach().float() * acc[n] for n in params}, tokens
+
+
+def matmul_rate(threads: int, dtype: str) -> float:
+    """This machine's measured dense matmul rate (FLOP/s) at the benchmark's dtype and thread count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+    a @ b
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    return 2 * 2048**3 * reps / (time.perf_counter() - start)
+
+
+def run_worker(args, variant: str, limit: int, save: Path | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--limit", str(limit), "--model", args.model,
+           "--data", str(args.data), "--n-examples", str(args.n_examples), "--max-length", str(args.max_length),
+           "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads)]
+    if save:
+        cmd += ["--save", str(save)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def max_relative_error(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return max(float((x[n] - y[n]).abs().max() / y[n].abs().max().clamp(min=1e-30)) for n in y)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--n-examples", type=int, default=64)
+    ap.add_argument("--reference-examples", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", choices=["batched", "reference"], default=None)
+    ap.add_argument("--limit", type=int, default=None, help="(worker) score only the first N sampled examples")
+    ap.add_argument("--save", default=None)
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = Path(tmp) / "ours.safetensors"
+        ref_file = Path(tmp) / "ref.safetensors"
+        full = run_worker(args, "batched", args.n_examples)
+        subset = run_worker(args, "batched", args.reference_examples, ours)
+        ref = run_worker(args, "reference", args.reference_examples, ref_file)
+        err = max_relative_error(ours, ref_file)
+    rate = matmul_rate(args.threads, args.dtype)
+    write_report(args, full, subset, ref, err, rate)
+
+
+def write_report(args, full: dict, subset: dict, ref: dict, err: float, rate: float) -> None:
+    per_ex = lambda r: r["seconds"] / r["examples"]
+    # Forward+backward of a dense layer costs 6 FLOPs per weight per token (2 forward, 2 input grad, 2 weight grad).
+    flops = 6 * full["linear_params"] * full["tokens"]
+    gib = lambda b: b / 2**30
+    lines = [
+        "## Attribution (signed-snip)",
+        "",
+        f"Command: `.venv/bin/python bench/bench_attribution.py --n-examples {args.n_examples} "
+        f"--reference-examples {args.reference_examples} --max-length {args.max_length} "
+        f"--batch-size {args.batch_size} --dtype {args.dtype}`",
+        f"Model `{args.model}` ({full['params'] / 1e6:.1f}M parameters, {gib(full['weight_bytes']):.2f} GiB of "
+        f"weights), data `{args.data.name}`, {args.threads} threads, {args.dtype}; run on {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| variant | examples | response tokens | time (s) | s / example | peak RSS (GiB) | RSS before scoring (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in (("harmprune, one pass per batch", full), ("harmprune, reference's examples", subset),
+                    ("per-layer reference", ref)):
+        lines.append(f"| {name} | {r['examples']} | {r['tokens']} | {r['seconds']:.1f} | {per_ex(r):.2f} | "
+                     f"{gib(r['peak_rss_bytes']):.2f} | {gib(r['rss_before_bytes']):.2f} |")
+    extra = full["peak_rss_bytes"] - full["rss_before_bytes"]
+    lines += [
+        "",
+        f"- Speed-up per example: **{per_ex(ref) / per_ex(full):.1f}×** (full run of {full['examples']}) and "
+        f"{per_ex(ref) / per_ex(subset):.1f}× on the reference's own {subset['examples']} examples; target ≥ 10×.",
+        f"- Same result: max relative difference between the two score files on the shared examples "
+        f"{err:.1e} (float32 rounding).",
+        f"- Memory: scoring added {gib(extra):.2f} GiB over the loaded model (weights {gib(full['weight_bytes']):.2f}"
+        f" GiB; the float32 accumulators for the {full['scored_params'] / 1e6:.0f}M scored weights take "
+        f"{gib(4 * full['scored_params']):.2f} GiB); peak RSS / weight bytes = {full['peak_rss_bytes'] / full['weight_bytes']:.2f}.",
+        f"- Achieved {flops / full['seconds'] / 1e9:.1f} GFLOP/s (6 × {full['linear_params'] / 1e6:.0f}M linear "
+        f"weights × tokens, attention scores not counted) against a measured {rate / 1e9:.1f} GFLOP/s for a "
+        f"2048² {args.dtype} matmul on the same threads: {100 * flops / full['seconds'] / rate:.0f}% of peak.",
+        "",
+    ]
+    print("\n".join(lines))
+    update_section(args.results, "## Attribution (signed-snip)", "\n".join(lines))
+
+
+def update_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) one ``## `` section of RESULTS.md, keeping the others."""
+    text = path.read_text() if path.exists() else (
+        f"# Benchmark results\n\nMachine: {machine()}. Numbers are from the commands shown; other processes "
+        f"may have shared the CPU.\n\n")
+    if heading in text:
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
+        text = text[:start] + body + ("\n" + text[nxt + 1:] if nxt != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    path.write_text(text)
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{os.cpu_count()} CPU cores ({model}), no GPU, Python {platform.python_version()}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``harmprune run | results | report | demo``: whole experiments from a config, and their outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the experiments of a TOML config (cached, resumable)")
+    p.add_argument("config", help="experiment config (.toml)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="where stages run")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("results", help="query the results store of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument("--experiment", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--metric", default=None)
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("report", help="rebuild report.html / report.md / figures from a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole study on the built-in model organisms, no downloads")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--size", default="small", choices=["tiny", "small"], help="organism size")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from harmprune.experiments import load_checked_config, run_config
+
+    if args.check:
+        cfg = load_checked_config(args.config)
+        print(f"{args.config}: OK ({len(cfg.models)} models, {len(cfg.data)} data sets, "
+              f"{len(cfg.evaluations)} evaluations, experiments: {', '.join(cfg.experiments)})")
+        return
+    out = run_config(args.config, args.out, executor=args.executor)
+    print(f"report: {out / 'report.html'}")
+
+
+def cmd_results(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from harmprune.errors import HarmpruneError
+    from harmprune.store import Store, format_table
+
+    path = Path(args.run_dir) / "results.sqlite"
+    if not path.exists():
+        raise HarmpruneError(f"{args.run_dir}: no results.sqlite (is this a harmprune run directory?)")
+    where = {k: v for k, v in (("experiment", args.experiment), ("model", args.model), ("metric", args.metric)) if v}
+    rows = Store(path).metrics(**where)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows, ["experiment", "model", "condition", "q", "p", "seed", "evaluation", "metric",
+                                  "value"]))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from harmprune.report import build_report
+
+    print(build_report(args.run_dir))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from harmprune.experiments.demo import run_demo
+
+    out = run_demo(args.out, size=args.size, seed=args.seed)
+    print(f"report: {out / 'report.html'}")

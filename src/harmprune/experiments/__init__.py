@@ -1,0 +1,91 @@
+"""Experiments: each composes the runner's cached stages into one claim of the study.
+
+An experiment is a function ``run(runner, params) -> summary`` registered under a name with the parameter names
+it accepts; the config's ``[experiments.<name>]`` tables choose which run and with what. :func:`run_config`
+validates the whole config first, runs the experiments in the order the config lists them, and writes
+``summary.json`` and the report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    params: frozenset[str]
+    run: Callable[..., dict[str, Any]]
+    description: str
+
+
+_REGISTRY: dict[str, Experiment] = {}
+EXPERIMENT_MODULES = ("compression", "controls", "cross_category", "dissociation", "emergent_misalignment")
+
+
+def register_experiment(name: str, params: set[str], description: str = ""):
+    def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        _REGISTRY[name] = Experiment(name, frozenset(params), fn, description or (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def experiments() -> dict[str, Experiment]:
+    for mod in EXPERIMENT_MODULES:
+        try:
+            importlib.import_module(f"harmprune.experiments.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"harmprune.experiments.{mod}":
+                raise
+    return dict(_REGISTRY)
+
+
+def load_checked_config(path: str | Path):
+    """Load a config and validate it against the registered experiments and evaluation kinds."""
+    from harmprune.experiments.config import load_config
+    from harmprune.experiments.evaluations import evaluation_kinds
+
+    return load_config(path, known_evaluations=evaluation_kinds(),
+                       known_experiments={n: set(e.params) for n, e in experiments().items()})
+
+
+def run_config(path: str | Path, out_dir: str | Path | None = None, executor: str = "local") -> Path:
+    """Run every experiment a config lists; return the run directory (with summary.json and the report)."""
+    from harmprune.errors import HarmpruneError
+    from harmprune.experiments.runner import Runner
+    from harmprune.io import atomic_write_json, atomic_write_text
+
+    if executor != "local":
+        raise HarmpruneError(f"executor {executor!r} is not available in this version (use 'local')")
+    config = load_checked_config(path)
+    out = Path(out_dir) if out_dir else Path("runs") / config.name
+    runner = Runner(config, out)
+    atomic_write_text(out / "config.toml", Path(path).read_text(encoding="utf-8"))
+    registry = experiments()
+    summary: dict[str, Any] = {"name": config.name, "experiments": {}}
+    for name, params in config.experiments.items():
+        log.info("experiment %s", name)
+        summary["experiments"][name] = registry[name].run(runner, params)
+        atomic_write_json(out / "summary.json", {**summary, **_headline(summary)})
+    summary.update(_headline(summary))
+    summary["stages"] = dict(runner.stats)
+    atomic_write_json(out / "summary.json", summary)
+    from harmprune.report import build_report
+
+    build_report(out)
+    return out
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The flat top-level keys each experiment contributes (e.g. ``harm_reduction``)."""
+    flat: dict[str, Any] = {}
+    for result in summary["experiments"].values():
+        flat.update(result.get("headline", {}))
+    return flat

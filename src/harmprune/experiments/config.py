@@ -1,0 +1,244 @@
+"""Experiment configuration: a TOML file, validated completely before any work starts.
+
+Every error names the offending key (``data.harmful.path``) and, for files, the path. Relative paths are
+resolved against the config file's directory first, then the current directory.
+
+    name = "demo"
+    seed = 0
+    dtype = "float32"
+
+    [models.aligned]          # any number of models
+    path = "smollm2-135m-instruct"
+    format = "chat"
+
+    [data.harmful]            # any number of data sets, with field mappings
+    path = "harmful.jsonl"
+    n_examples = 64
+
+    [scoring]                 # how scores are computed (once per model × data × method)
+    method = "signed-snip"
+    harm = "harmful"          # a data set name
+    utility = "benign"
+
+    [selection]
+    q = [1e-4, 1e-3]
+    p = [1e-3]
+
+    [evaluations.harm]        # named evaluations: kind + its parameters
+    kind = "harm"
+    data = "harmful_test"
+
+    [experiments.compression] # which experiments to run, with their parameters
+    models = ["aligned"]
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harmprune.errors import ConfigError
+
+TOP_KEYS = {"name", "seed", "dtype", "device", "models", "data", "scoring", "selection", "evaluations",
+            "experiments", "report"}
+MODEL_KEYS = {"path", "format", "dtype", "aligned", "label"}
+DATA_KEYS = {"path", "prompt_field", "response_field", "category_field", "category", "exclude_category",
+             "n_examples", "seed", "skip_empty", "split"}
+SCORING_KEYS = {"method", "harm", "utility", "max_length", "batch_size", "modules", "format"}
+SELECTION_KEYS = {"q", "p", "granularity"}
+METHODS = {"signed-snip", "snip", "wanda", "magnitude"}
+GRANULARITIES = {"matrix", "row", "global"}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    format: str = "chat"
+    dtype: str | None = None
+    aligned: bool = True
+    label: str | None = None
+
+
+@dataclass
+class DataSpec:
+    name: str
+    path: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    path: Path
+    raw: dict[str, Any]
+    name: str
+    seed: int
+    dtype: str
+    device: str | None
+    models: dict[str, ModelSpec]
+    data: dict[str, DataSpec]
+    scoring: dict[str, Any]
+    selection: dict[str, Any]
+    evaluations: dict[str, dict[str, Any]]
+    experiments: dict[str, dict[str, Any]]
+    report: dict[str, Any]
+
+
+def load_config(path: str | Path, known_evaluations: dict[str, set[str]] | None = None,
+                known_experiments: dict[str, set[str]] | None = None) -> Config:
+    """Parse and validate ``path``. ``known_*`` map registered kinds to their allowed parameter names."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    where = str(path)
+    _check_keys(raw, TOP_KEYS, "", where)
+    base = path.parent
+    models = {n: _model(n, t, base, where) for n, t in _table(raw, "models", where, required=True).items()}
+    data = {n: _data(n, t, base, where) for n, t in _table(raw, "data", where).items()}
+    scoring = _scoring(_table(raw, "scoring", where), data, where)
+    selection = _selection(_table(raw, "selection", where), where)
+    evaluations = {n: _evaluation(n, t, data, base, where, known_evaluations)
+                   for n, t in _table(raw, "evaluations", where).items()}
+    experiments = _table(raw, "experiments", where)
+    for name, params in experiments.items():
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: experiments.{name} must be a table")
+        if known_experiments is not None:
+            if name not in known_experiments:
+                raise ConfigError(f"{where}: unknown experiment 'experiments.{name}' "
+                                  f"(known: {', '.join(sorted(known_experiments))})")
+            _check_keys(params, known_experiments[name], f"experiments.{name}.", where)
+        for key in ("models", "model"):
+            for m in _as_list(params.get(key)):
+                if m not in models:
+                    raise ConfigError(f"{where}: experiments.{name}.{key} names unknown model {m!r}")
+        for key in ("evaluations", "harm_evaluation", "utility_evaluation"):
+            for e in _as_list(params.get(key)):
+                if e not in evaluations:
+                    raise ConfigError(f"{where}: experiments.{name}.{key} names unknown evaluation {e!r}")
+        for key, value in params.items():
+            if key.endswith("data") and isinstance(value, str) and value not in data:
+                raise ConfigError(f"{where}: experiments.{name}.{key} names unknown data set {value!r}")
+    dtype = raw.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: dtype {dtype!r} must be float32, bfloat16 or float16")
+    return Config(path, raw, str(raw.get("name", path.stem)), int(raw.get("seed", 0)), dtype, raw.get("device"),
+                  models, data, scoring, selection, evaluations, experiments, _table(raw, "report", where))
+
+
+def _model(name: str, t: Any, base: Path, where: str) -> ModelSpec:
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: models.{name} must be a table")
+    _check_keys(t, MODEL_KEYS, f"models.{name}.", where)
+    if "path" not in t:
+        raise ConfigError(f"{where}: models.{name}.path is missing")
+    fmt = t.get("format", "chat")
+    if fmt not in ("chat", "raw"):
+        raise ConfigError(f"{where}: models.{name}.format must be 'chat' or 'raw', got {fmt!r}")
+    path = _maybe_local(t["path"], base)
+    return ModelSpec(name, path, fmt, t.get("dtype"), bool(t.get("aligned", True)), t.get("label"))
+
+
+def _data(name: str, t: Any, base: Path, where: str) -> DataSpec:
+    if isinstance(t, str):
+        t = {"path": t}
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: data.{name} must be a table or a path")
+    _check_keys(t, DATA_KEYS, f"data.{name}.", where)
+    if "path" not in t:
+        raise ConfigError(f"{where}: data.{name}.path is missing")
+    path = _maybe_local(t["path"], base)
+    if not Path(path).exists() and not _looks_like_hub_id(t["path"]):
+        raise ConfigError(f"{where}: data.{name}.path: no such file {t['path']!r}")
+    n = t.get("n_examples")
+    if n is not None and (not isinstance(n, int) or n <= 0):
+        raise ConfigError(f"{where}: data.{name}.n_examples must be a positive integer, got {n!r}")
+    return DataSpec(name, path, {k: v for k, v in t.items() if k != "path"})
+
+
+def _scoring(t: dict[str, Any], data: dict[str, DataSpec], where: str) -> dict[str, Any]:
+    _check_keys(t, SCORING_KEYS, "scoring.", where)
+    out = {"method": "signed-snip", "max_length": 256, "batch_size": 4, "modules": None, **t}
+    for m in _as_list(out["method"]):
+        if m not in METHODS:
+            raise ConfigError(f"{where}: scoring.method {m!r} is not one of {sorted(METHODS)}")
+    for key in ("harm", "utility"):
+        if key in out and out[key] not in data:
+            raise ConfigError(f"{where}: scoring.{key} names unknown data set {out[key]!r}")
+    return out
+
+
+def _selection(t: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(t, SELECTION_KEYS, "selection.", where)
+    out = {"q": [1e-4], "p": [0.0], "granularity": "matrix", **t}
+    for key in ("q", "p"):
+        values = _as_list(out[key])
+        if not values:
+            raise ConfigError(f"{where}: selection.{key} is empty")
+        for v in values:
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ConfigError(f"{where}: selection.{key} value {v!r} must be a number in [0, 1]")
+        out[key] = sorted(float(v) for v in values)
+    if out["granularity"] not in GRANULARITIES:
+        raise ConfigError(f"{where}: selection.granularity {out['granularity']!r} is not one of {sorted(GRANULARITIES)}")
+    return out
+
+
+def _evaluation(name: str, t: Any, data: dict[str, DataSpec], base: Path, where: str,
+                known: dict[str, set[str]] | None) -> dict[str, Any]:
+    if not isinstance(t, dict) or "kind" not in t:
+        raise ConfigError(f"{where}: evaluations.{name} must be a table with a 'kind'")
+    kind = t["kind"]
+    if known is not None:
+        if kind not in known:
+            raise ConfigError(f"{where}: evaluations.{name}.kind {kind!r} is not one of {sorted(known)}")
+        _check_keys(t, known[kind] | {"kind"}, f"evaluations.{name}.", where)
+    for key, value in t.items():
+        if key.endswith("data") or key in ("prefill_from", "harmful", "benign"):
+            for v in _as_list(value):
+                if v not in data:
+                    raise ConfigError(f"{where}: evaluations.{name}.{key} names unknown data set {v!r}")
+        if key in ("mmlu", "ppl_file"):
+            resolved = _maybe_local(value, base)
+            if not Path(resolved).exists():
+                raise ConfigError(f"{where}: evaluations.{name}.{key}: no such path {value!r}")
+            t = {**t, key: resolved}
+    return dict(t)
+
+
+def _table(raw: dict[str, Any], key: str, where: str, required: bool = False) -> dict[str, Any]:
+    t = raw.get(key)
+    if t is None:
+        if required:
+            raise ConfigError(f"{where}: the [{key}] table is missing")
+        return {}
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: '{key}' must be a table")
+    return t
+
+
+def _check_keys(t: dict[str, Any], allowed: set[str], prefix: str, where: str) -> None:
+    for key in t:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (expected one of: {', '.join(sorted(allowed))})")
+
+
+def _maybe_local(value: str, base: Path) -> str:
+    candidate = base / value
+    return str(candidate.resolve()) if candidate.exists() else value
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return value.count("/") == 1 and not value.startswith((".", "/")) and not Path(value).suffix
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

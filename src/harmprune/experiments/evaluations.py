@@ -1,0 +1,131 @@
+"""Evaluation kinds a config can name (``[evaluations.<name>] kind = ...``), each a thin call into ``evals``.
+
+A kind declares the parameters it accepts (validated before any work) and a function
+``(runner, model, tokenizer, model_name, spec, out_dir) -> flat metrics``; kinds that generate text also write
+``out_dir/generations.jsonl``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from harmprune.generation import write_generations
+
+GEN_KEYS = {"max_new_tokens", "batch_size"}
+
+
+@dataclass(frozen=True)
+class EvaluationKind:
+    params: frozenset[str]
+    run: Callable[..., dict[str, Any]]
+
+
+def _harm(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
+    from harmprune.evals.harm import evaluate_harm
+    from harmprune.judges import get_judge
+
+    judge_kwargs = {k.removeprefix("judge_"): v for k, v in spec.items() if k.startswith("judge_")}
+    judge = get_judge(spec.get("judge", "refusal"), **judge_kwargs)
+    extra = [get_judge(name) for name in spec.get("extra_judges", [])]
+    refs = runner.records(spec["prefill_from"]) if spec.get("prefill_from") else None
+    metrics, rows = evaluate_harm(
+        model, tok, runner.records(spec["data"]), judge, prefill_tokens=int(spec.get("prefill_tokens", 0)),
+        prefill_from=refs, fmt=runner.model_format(model_name), max_new_tokens=int(spec.get("max_new_tokens", 128)),
+        batch_size=int(spec.get("batch_size", 8)), do_sample=bool(spec.get("do_sample", False)),
+        temperature=float(spec.get("temperature", 1.0)), top_p=float(spec.get("top_p", 1.0)),
+        n_samples=int(spec.get("n_samples", 1)), seed=runner.config.seed, extra_judges=extra, progress=True)
+    write_generations(out / "generations.jsonl", rows)
+    return metrics
+
+
+def _likelihood(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
+    from harmprune.evals.likelihood import harmful_likelihood, likelihood_gap
+
+    kw = {"fmt": runner.model_format(model_name), "max_length": int(spec.get("max_length", 512)),
+          "batch_size": int(spec.get("batch_size", 4))}
+    harmful = harmful_likelihood(model, tok, runner.records(spec["data"]), **kw)
+    if spec.get("benign_data"):
+        benign = harmful_likelihood(model, tok, runner.records(spec["benign_data"]), **kw)
+        return {**harmful, **likelihood_gap(harmful, benign)}
+    return harmful
+
+
+def _utility(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
+    from harmprune.evals.utility import mmlu_accuracy, perplexity_of_responses, perplexity_of_text, read_text
+
+    metrics: dict[str, Any] = {}
+    if spec.get("mmlu"):
+        metrics.update(mmlu_accuracy(model, tok, spec["mmlu"], subjects=spec.get("subjects"),
+                                     k_shot=int(spec.get("k_shot", 5)), limit=spec.get("limit"),
+                                     batch_size=int(spec.get("batch_size", 8))))
+    if spec.get("ppl_file"):
+        metrics.update(perplexity_of_text(model, tok, read_text(spec["ppl_file"])))
+    if spec.get("ppl_data"):
+        ppl = perplexity_of_responses(model, tok, runner.records(spec["ppl_data"]), fmt=runner.model_format(model_name))
+        metrics.update({f"responses_{k}": v for k, v in ppl.items()})
+    return metrics
+
+
+def _recognition(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
+    from harmprune.evals.recognition import detection, explanation, refusal_rate
+
+    fmt = runner.model_format(model_name)
+    harmful, benign = runner.records(spec["harmful"]), runner.records(spec["benign"])
+    batch = int(spec.get("batch_size", 8))
+    max_new = int(spec.get("max_new_tokens", 64))
+    metrics, rows = detection(model, tok, harmful, benign, fmt=fmt, batch_size=batch)
+    metrics["n"] = len(harmful) + len(benign)
+    gen_rows: list[dict[str, Any]] = []
+    if spec.get("explanation", True):
+        m, r = explanation(model, tok, harmful, fmt=fmt, max_new_tokens=max_new, batch_size=batch)
+        metrics.update(m)
+        gen_rows += r
+    if spec.get("refusal", True):
+        m, r = refusal_rate(model, tok, harmful, fmt=fmt, max_new_tokens=max_new, batch_size=batch)
+        metrics.update(m)
+        gen_rows += r
+    if gen_rows:
+        write_generations(out / "generations.jsonl", gen_rows)
+    return metrics
+
+
+def _accuracy(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
+    """Exact-answer accuracy: the generated answer must equal the data set's reference response."""
+    from harmprune.generation import generate
+
+    records = [r for r in runner.records(spec["data"]) if r.response is not None]
+    gens = generate(model, tok, [r.prompt for r in records], fmt=runner.model_format(model_name),
+                    max_new_tokens=int(spec.get("max_new_tokens", 32)), batch_size=int(spec.get("batch_size", 16)))
+    match = spec.get("match", "exact")
+    rows, correct = [], 0
+    for r, g in zip(records, gens):
+        got, want = " ".join(g.response.split()), " ".join(r.response.split())
+        ok = got == want if match == "exact" else want.lower() in got.lower()
+        correct += ok
+        rows.append({"prompt": r.prompt, "reference": r.response, "response": g.response, "category": r.category,
+                     "correct": ok})
+    write_generations(out / "generations.jsonl", rows)
+    return {"accuracy": correct / len(records), "n": len(records)}
+
+
+KINDS: dict[str, EvaluationKind] = {
+    "harm": EvaluationKind(frozenset({"data", "judge", "judge_base_url", "judge_model", "judge_api_key_env",
+                                      "prefill_tokens", "prefill_from", "do_sample", "temperature", "top_p",
+                                      "n_samples", "extra_judges"} | GEN_KEYS), _harm),
+    "likelihood": EvaluationKind(frozenset({"data", "benign_data", "max_length", "batch_size"}), _likelihood),
+    "utility": EvaluationKind(frozenset({"mmlu", "subjects", "limit", "k_shot", "ppl_file", "ppl_data",
+                                         "batch_size"}), _utility),
+    "recognition": EvaluationKind(frozenset({"harmful", "benign", "explanation", "refusal"} | GEN_KEYS),
+                                  _recognition),
+    "accuracy": EvaluationKind(frozenset({"data", "match"} | GEN_KEYS), _accuracy),
+}
+
+
+def evaluation_kinds() -> dict[str, set[str]]:
+    return {k: set(v.params) for k, v in KINDS.items()}
+
+
+def run_evaluation(runner, model, tok, model_name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    return KINDS[spec["kind"]].run(runner, model, tok, model_name, spec, out)

@@ -1,0 +1,278 @@
+"""Reports: figures (PNG), ``report.md`` and a self-contained ``report.html`` built from a run directory.
+
+Everything is rebuilt from ``summary.json`` and the results store, so ``harmprune report DIR`` reproduces the
+report of a finished (or half-finished) run without recomputing anything. Each experiment contributes a section
+through :func:`register_section`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harmprune.io import atomic_write_text
+from harmprune.store import Store
+
+
+@dataclass
+class Section:
+    title: str
+    text: list[str] = field(default_factory=list)  # markdown paragraphs / tables
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+
+
+_SECTIONS: dict[str, Callable[[dict[str, Any], Path], Section]] = {}
+
+
+def register_section(experiment: str):
+    def deco(fn: Callable[[dict[str, Any], Path], Section]):
+        _SECTIONS[experiment] = fn
+        return fn
+
+    return deco
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write figures, report.md and report.html for ``run_dir``; return the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        from harmprune.errors import HarmpruneError
+
+        raise HarmpruneError(f"{run_dir}: no summary.json (is this a harmprune run directory?)")
+    summary = json.loads(summary_path.read_text())
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    sections = []
+    for name, result in summary.get("experiments", {}).items():
+        if name in _SECTIONS:
+            sections.append(_SECTIONS[name](result, fig_dir))
+    sections.append(_runs_table(run_dir))
+    headline = {k: v for k, v in summary.items() if k not in ("experiments", "stages", "name")}
+    md = _markdown(summary.get("name", run_dir.name), headline, sections)
+    atomic_write_text(run_dir / "report.md", md)
+    out = run_dir / "report.html"
+    atomic_write_text(out, _html(summary.get("name", run_dir.name), headline, sections, fig_dir))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+@register_section("compression")
+def _compression(result: dict[str, Any], fig_dir: Path) -> Section:
+    import matplotlib.pyplot as plt
+
+    sec = Section("Compression: harm and utility against the fraction of weights pruned")
+    models = result["models"]
+    has_util = any(pt.get("utility") is not None for m in models.values() for pt in m["points"])
+    fig, axes = plt.subplots(1, 2 if has_util else 1, figsize=(11 if has_util else 6, 4), squeeze=False)
+    for name, m in models.items():
+        pts = sorted(m["points"], key=lambda pt: pt["fraction_pruned"])
+        for p in sorted({pt["p"] for pt in pts}):
+            sub = [pt for pt in pts if pt["p"] == p and pt["fraction_pruned"] > 0]
+            label = f"{name} (p={p:g})" if len({pt['p'] for pt in pts}) > 1 else name
+            xs = [pt["fraction_pruned"] * 100 for pt in sub]
+            axes[0][0].plot(xs, [pt["harm"] for pt in sub], marker="o", label=label)
+            if has_util:
+                axes[0][1].plot(xs, [pt["utility"] for pt in sub], marker="o", label=label)
+        axes[0][0].axhline(m["baseline"]["harm"], ls=":", lw=1, color=axes[0][0].lines[-1].get_color())
+        if has_util and m["baseline"].get("utility") is not None:
+            axes[0][1].axhline(m["baseline"]["utility"], ls=":", lw=1, color=axes[0][1].lines[-1].get_color())
+    axes[0][0].set(xscale="log", xlabel="weights pruned (% of scored weights)", ylabel="harmful generation",
+                   title="Harmful generation (dotted: unpruned)")
+    axes[0][0].legend()
+    if has_util:
+        axes[0][1].set(xscale="log", xlabel="weights pruned (% of scored weights)", ylabel="utility (points)",
+                       title="Utility")
+        axes[0][1].legend()
+    _save(fig, fig_dir / "compression.png")
+    sec.figures.append(("compression.png", "Harmful generation and utility as more harm-specific weights are pruned."))
+    rows = [["model", "q", "p", "fraction pruned", "harm", "harm reduction", "utility", "utility drop"]]
+    for name, m in models.items():
+        rows.append([name, "-", "-", "0", _f(m["baseline"]["harm"]), "-", _f(m["baseline"].get("utility")), "-"])
+        for pt in m["points"]:
+            rows.append([name, f"{pt['q']:g}", f"{pt['p']:g}", f"{pt['fraction_pruned']:.2e}", _f(pt["harm"]),
+                         _pct(pt["harm_reduction"]), _f(pt.get("utility")), _f(pt.get("utility_drop"))])
+    sec.text.append(_md_table(rows))
+    lines = []
+    for name, m in models.items():
+        frac = m.get("harm_compression_fraction")
+        sep = m.get("separability") or {}
+        lines.append(f"- **{name}**: harm-compression fraction "
+                     f"{'not reached in this grid' if frac is None else f'{frac:.2e} ({frac * 100:.4f}% of scored weights)'}"
+                     + (f"; top-{sep['q']:g} harm vs utility sets: Jaccard {sep['jaccard']:.3f} "
+                        f"(chance {sep['chance_jaccard']:.3f}), utility-support AUROC {sep['utility_support_auroc']:.3f}"
+                        if sep else ""))
+    sec.text.append("\n".join(lines))
+    _mask_distribution(models, fig_dir, sec)
+    return sec
+
+
+def _mask_distribution(models: dict[str, Any], fig_dir: Path, sec: Section) -> None:
+    import matplotlib.pyplot as plt
+
+    from harmprune.selection import load_mask, mask_stats
+
+    masks = {n: m["operating_point"]["mask"] for n, m in models.items()
+             if m.get("operating_point") and Path(m["operating_point"]["mask"]).exists()}
+    if not masks:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(masks)
+    for i, (name, path) in enumerate(masks.items()):
+        stats = mask_stats(load_mask(path))
+        layers = sorted((int(k), v) for k, v in stats["per_layer"].items() if k != "None")
+        axes[0].bar([l + i * width for l, _ in layers], [v for _, v in layers], width=width, label=name)
+        mods = sorted(stats["per_module"].items())
+        axes[1].bar([j + i * width for j in range(len(mods))], [v for _, v in mods], width=width, label=name)
+        axes[1].set_xticks(range(len(mods)), [k for k, _ in mods], rotation=45, ha="right")
+    axes[0].set(xlabel="layer", ylabel="selected weights", title="Selected weights per layer")
+    axes[1].set(ylabel="selected weights", title="Selected weights per module")
+    axes[0].legend()
+    _save(fig, fig_dir / "mask_distribution.png")
+    sec.figures.append(("mask_distribution.png", "Where the selected harm weights sit, at each model's operating point."))
+
+
+@register_section("controls")
+def _controls(result: dict[str, Any], fig_dir: Path) -> Section:
+    import matplotlib.pyplot as plt
+
+    sec = Section("Controls: the harm set against masks of equal per-matrix counts")
+    models = result["models"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(models)
+    for i, (name, m) in enumerate(models.items()):
+        conds = list(m["conditions"])
+        ax.bar([j + i * width for j in range(len(conds))],
+               [100 * m["conditions"][c]["harm_reduction"] for c in conds], width=width, label=name)
+        ax.set_xticks(range(len(conds)), conds)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(ylabel="harmful generation reduction (%)", title="Harm reduction at equal counts")
+    ax.legend()
+    _save(fig, fig_dir / "controls.png")
+    sec.figures.append(("controls.png", "Relative reduction of harmful generation by each mask (same counts per matrix)."))
+    rows = [["model", "q", "p", "condition", "harm", "harm reduction", "utility", "utility drop"]]
+    for name, m in models.items():
+        rows.append([name, f"{m['q']:g}", f"{m['p']:g}", "unpruned", _f(m["baseline"]["harm"]), "-",
+                     _f(m["baseline"].get("utility")), "-"])
+        for c, v in m["conditions"].items():
+            rows.append([name, f"{m['q']:g}", f"{m['p']:g}", c, _f(v["harm"]), _pct(v["harm_reduction"]),
+                         _f(v.get("utility")), _f(v.get("utility_drop"))])
+    sec.text.append(_md_table(rows))
+    return sec
+
+
+def _runs_table(run_dir: Path) -> Section:
+    sec = Section("Every measurement")
+    store_path = run_dir / "results.sqlite"
+    if not store_path.exists():
+        return sec
+    store = Store(store_path)
+    rows = [["experiment", "model", "condition", "q", "p", "seed", "evaluation", "metric", "value"]]
+    for r in store.metrics():
+        rows.append([r["experiment"], r["model"], r["condition"], _f(r["q"]), _f(r["p"]), _f(r["seed"]),
+                     r["evaluation"], r["metric"], _f(r["value"])])
+    sec.text.append(_md_table(rows))
+    cfg = run_dir / "config.toml"
+    if cfg.exists():
+        sec.text.append("Configuration of this run:\n\n```toml\n" + cfg.read_text().strip() + "\n```")
+    return sec
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _f(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(out)
+
+
+def _markdown(title: str, headline: dict[str, Any], sections: list[Section]) -> str:
+    parts = [f"# harmprune report: {title}", ""]
+    if headline:
+        parts += ["## Headline", "", _md_table([["key", "value"]] + [[k, _f(v)] for k, v in headline.items()]), ""]
+    for sec in sections:
+        parts += [f"## {sec.title}", ""]
+        for name, caption in sec.figures:
+            parts += [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
+        for t in sec.text:
+            parts += [t, ""]
+    return "\n".join(parts)
+
+
+def _html(title: str, headline: dict[str, Any], sections: list[Section], fig_dir: Path) -> str:
+    def table(md: str) -> str:
+        lines = [l for l in md.splitlines() if l.startswith("|") and not l.startswith("|---")]
+        cells = [[html.escape(c.strip()) for c in l.strip("|").split("|")] for l in lines]
+        head, *body = cells
+        return ("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+
+    def block(text: str) -> str:
+        if text.startswith("|"):
+            return table(text)
+        if text.startswith("```") or "```" in text:
+            body = text.split("```")[1].removeprefix("toml\n")
+            pre = text.split("```")[0]
+            return f"<p>{html.escape(pre)}</p><pre>{html.escape(body)}</pre>"
+        items = [l[2:] for l in text.splitlines() if l.startswith("- ")]
+        if items:
+            return "<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>"
+        return f"<p>{_inline(text)}</p>"
+
+    body = [f"<h1>harmprune report: {html.escape(title)}</h1>"]
+    if headline:
+        body.append("<h2>Headline</h2>" + table(_md_table([["key", "value"]] + [[k, _f(v)] for k, v in headline.items()])))
+    for sec in sections:
+        body.append(f"<h2>{html.escape(sec.title)}</h2>")
+        for name, caption in sec.figures:
+            data = base64.b64encode((fig_dir / name).read_bytes()).decode()
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        body += [block(t) for t in sec.text]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
+             "padding:3px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+             "pre{background:#f6f6f6;padding:1em;overflow:auto}figcaption{color:#555;font-size:0.9em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>harmprune: {html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text)
+    while "**" in out:
+        out = out.replace("**", "<b>", 1).replace("**", "</b>", 1)
+    return out

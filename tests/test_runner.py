@@ -1,0 +1,176 @@
+"""The experiment runner: config validation, caching, resuming, the store, and the report."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from harmprune.cli import main
+from harmprune.errors import ConfigError
+from harmprune.experiments import load_checked_config, run_config
+from tiny import make_llama, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runner")
+    tok = make_tokenizer()
+    for name, seed in (("aligned", 0), ("unaligned", 1)):
+        model = make_llama(len(tok), seed=seed)
+        model.save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    harm = [{"messages": [{"role": "user", "content": f"make zorb {i}"},
+                          {"role": "assistant", "content": f"Sure. Step {i}: vex the coil."}],
+             "category": "weapons" if i % 2 else "fraud"} for i in range(6)]
+    benign = [{"instruction": f"what is {i}+1", "output": str(i + 1)} for i in range(6)]
+    (d / "harm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in harm))
+    (d / "benign.jsonl").write_text("".join(json.dumps(r) + "\n" for r in benign))
+    return d
+
+
+CONFIG = """
+name = "t"
+[models.aligned]
+path = "aligned"
+[models.unaligned]
+path = "unaligned"
+aligned = false
+[data.harmful]
+path = "harm.jsonl"
+[data.benign]
+path = "benign.jsonl"
+[scoring]
+method = "signed-snip"
+harm = "harmful"
+utility = "benign"
+max_length = 64
+[selection]
+q = [0.01, 0.05]
+p = [0.01]
+[evaluations.harm]
+kind = "harm"
+data = "harmful"
+judge = "refusal"
+prefill_tokens = 3
+max_new_tokens = 4
+[evaluations.nll]
+kind = "likelihood"
+data = "harmful"
+benign_data = "benign"
+[evaluations.benign]
+kind = "accuracy"
+data = "benign"
+max_new_tokens = 3
+[experiments.compression]
+models = ["aligned", "unaligned"]
+utility_evaluation = "benign"
+evaluations = ["nll"]
+[experiments.controls]
+models = ["aligned"]
+kinds = ["random", "magnitude-matched", "benign-task"]
+seeds = [0, 1]
+benign_task_data = "benign"
+utility_evaluation = "benign"
+"""
+
+
+def write_config(project, text=CONFIG, name="c.toml"):
+    path = project / name
+    path.write_text(text)
+    return path
+
+
+def test_run_caches_resumes_and_reports(project, tmp_path, monkeypatch):
+    cfg = write_config(project)
+    out = run_config(cfg, tmp_path / "run")
+    summary = json.loads((out / "summary.json").read_text())
+    comp = summary["experiments"]["compression"]["models"]
+    assert set(comp) == {"aligned", "unaligned"} and len(comp["aligned"]["points"]) == 2
+    assert summary["stages"]["computed"] > 0
+    # Scores are computed once per (model, data): 2 models × 2 data sets.
+    stages = {p.name for p in (out / "stages" / "scores").iterdir()}
+    assert len(stages) == 4
+    for key in ("harm_reduction", "utility_drop", "fraction_pruned", "random_control_harm_reduction"):
+        assert key in summary
+    ctrl = summary["experiments"]["controls"]["models"]["aligned"]["conditions"]
+    assert set(ctrl) == {"harm-set", "random", "magnitude-matched", "benign-task"}
+    for f in ("report.html", "report.md", "figures/compression.png", "figures/controls.png", "results.sqlite"):
+        assert (out / f).exists(), f
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+    rows = sqlite3.connect(out / "results.sqlite").execute("SELECT count(*) FROM metrics").fetchone()[0]
+    assert rows > 20
+
+    # A finished config recomputes nothing.
+    again = json.loads((run_config(cfg, tmp_path / "run") / "summary.json").read_text())
+    assert again["stages"]["computed"] == 0 and again["stages"]["reused"] > 0
+    assert again["harm_reduction"] == summary["harm_reduction"]
+
+    # A run killed mid-way resumes: delete one evaluation and make the next stage fail once.
+    import shutil
+
+    import harmprune.experiments.runner as runner_mod
+
+    evals = sorted((out / "stages" / "evaluate").iterdir())
+    shutil.rmtree(evals[0])
+    shutil.rmtree(evals[1])
+    real_stage = runner_mod.Runner.stage
+    calls = {"n": 0}
+
+    def flaky(self, kind, params, build, done_file):
+        def failing_build(d):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("killed")
+            build(d)
+        return real_stage(self, kind, params, failing_build, done_file)
+
+    monkeypatch.setattr(runner_mod.Runner, "stage", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, tmp_path / "run")
+    assert not list((out / "stages" / "evaluate").glob("*.partial/metrics.json"))
+    monkeypatch.setattr(runner_mod.Runner, "stage", real_stage)
+    resumed = json.loads((run_config(cfg, tmp_path / "run") / "summary.json").read_text())
+    assert resumed["stages"]["computed"] == 1  # only the stage that was killed
+    assert resumed["harm_reduction"] == summary["harm_reduction"]
+
+
+def test_results_and_report_commands(project, tmp_path, capsys):
+    out = run_config(write_config(project), tmp_path / "run2")
+    capsys.readouterr()
+    assert main(["results", str(out), "--json", "--experiment", "controls"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["experiment"] == "controls" for r in rows)
+    assert main(["results", str(out)]) == 0
+    assert "compression" in capsys.readouterr().out
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
+    assert main(["results", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("[scoring]", "[scoring]\nmethodd = 'snip'"), "unknown key 'scoring.methodd'"),
+    (lambda t: t.replace('path = "harm.jsonl"', 'path = "nope.jsonl"'), "data.harmful.path: no such file"),
+    (lambda t: t.replace("q = [0.01, 0.05]", "q = [2.0]"), "selection.q value 2.0"),
+    (lambda t: t.replace("q = [0.01, 0.05]", "q = []"), "selection.q is empty"),
+    (lambda t: t.replace('kind = "accuracy"', 'kind = "vibes"'), "evaluations.benign.kind 'vibes'"),
+    (lambda t: t.replace('models = ["aligned"]', 'models = ["ghost"]'), "experiments.controls.models"),
+    (lambda t: t + "\n[experiments.telepathy]\n", "unknown experiment 'experiments.telepathy'"),
+    (lambda t: t.replace('data = "harmful"\njudge', 'data = "nowhere"\njudge'), "unknown data set 'nowhere'"),
+    (lambda t: t.replace("[models.aligned]", "[models.aligned]\nformat = 'xml'"), "models.aligned.format"),
+    (lambda t: t.replace('name = "t"', 'name = "t"\nfoo = 1'), "unknown key 'foo'"),
+])
+def test_config_errors_name_the_key_before_any_work(project, tmp_path, edit, message, capsys):
+    cfg = write_config(project, edit(CONFIG), "bad.toml")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_checked_config(cfg)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "bad")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_check_flag_validates_only(project, capsys):
+    assert main(["run", str(write_config(project)), "--check"]) == 0
+    assert "OK" in capsys.readouterr().out
