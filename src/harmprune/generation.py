@@ -74,9 +74,9 @@ def generate(
     progress: bool = True,
 ) -> list[Generation]:
     """Generate ``n_samples`` answers per prompt, in prompt order (samples of one prompt adjacent)."""
-    _check_args(prompts, prefixes, max_new_tokens, batch_size, do_sample, temperature, top_p, n_samples)
+    validate_generation_args(prompts, prefixes, max_new_tokens, batch_size, do_sample, temperature, top_p, n_samples)
     prefixes = list(prefixes) if prefixes is not None else [""] * len(prompts)
-    inputs = [_input_ids(tokenizer, p, pre, fmt) for p, pre in zip(prompts, prefixes)]
+    inputs = [generation_input_ids(tokenizer, p, pre, fmt) for p, pre in zip(prompts, prefixes)]
     # Longest first: batches of similar length waste little on padding, and a memory error shows up at once.
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
     pad_id, eos_ids = pad_id_of(tokenizer), eos_ids_of(model, tokenizer)
@@ -90,20 +90,24 @@ def generate(
         for j, i in enumerate(batch):
             new_ids[i] = outputs[j * n_samples : (j + 1) * n_samples]
     return [
-        _to_generation(tokenizer, prompts[i], prefixes[i], ids, s, i, eos_ids)
+        decode_generation(tokenizer, prompts[i], prefixes[i], ids, s, i, eos_ids)
         for i in range(len(prompts))
         for s, ids in enumerate(new_ids[i])
     ]
 
 
-def _check_args(prompts, prefixes, max_new_tokens, batch_size, do_sample, temperature, top_p, n_samples) -> None:
+def validate_generation_args(
+    prompts, prefixes, max_new_tokens, batch_size, do_sample, temperature, top_p, n_samples
+) -> None:
+    """Reject arguments that cannot make sense before any model time is spent."""
     if not prompts:
         raise HarmpruneError("no prompts to generate from")
     if prefixes is not None and len(prefixes) != len(prompts):
         raise HarmpruneError(f"{len(prefixes)} prefixes for {len(prompts)} prompts; give one prefix per prompt")
     if max_new_tokens < 1 or batch_size < 1 or n_samples < 1:
         raise HarmpruneError(
-            f"max_new_tokens, batch_size and n_samples must be positive (got {max_new_tokens}, {batch_size}, {n_samples})"
+            "max_new_tokens, batch_size and n_samples must be positive "
+            f"(got {max_new_tokens}, {batch_size}, {n_samples})"
         )
     if n_samples > 1 and not do_sample:
         raise HarmpruneError(f"n_samples={n_samples} with greedy decoding gives identical samples; enable sampling")
@@ -111,7 +115,8 @@ def _check_args(prompts, prefixes, max_new_tokens, batch_size, do_sample, temper
         raise HarmpruneError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
 
 
-def _input_ids(tokenizer, prompt: str, prefix: str, fmt: PromptFormat) -> list[int]:
+def generation_input_ids(tokenizer, prompt: str, prefix: str, fmt: PromptFormat) -> list[int]:
+    """The rendered prompt's ids followed by the forced prefix's ids (as in scoring: tokenised separately)."""
     try:
         ids = prompt_ids(tokenizer, prompt, fmt)
     except ValueError as e:
@@ -148,7 +153,8 @@ def _generate_batch(model, batch_ids: list[list[int]], pad_id: int, gen_kwargs: 
     return out[:, width:].tolist()
 
 
-def _to_generation(tokenizer, prompt, prefix, ids, sample_index, prompt_index, eos_ids) -> Generation:
+def decode_generation(tokenizer, prompt, prefix, ids, sample_index, prompt_index, eos_ids) -> Generation:
+    """Cut new token ids at the first EOS and decode them without special tokens."""
     eos = set(eos_ids)
     stop = next((k for k, t in enumerate(ids) if t in eos), None)
     kept = ids if stop is None else ids[:stop]

@@ -1,0 +1,90 @@
+"""Batched teacher-forced scoring shared by the evaluations: response NLL sums and next-token log-probabilities.
+
+Two batched forwards, each exact up to floating point against one sequence at a time:
+
+* :func:`response_nll_sums` right-pads (positions of real tokens are unchanged) and sums the NLL of every
+  target token of each :class:`~harmprune.formatting.Encoded` example.
+* :func:`next_token_logprobs` left-pads with explicit position ids, keeps only the last position's logits (so a
+  batch never materialises a (batch, length, vocab) tensor), and returns the log-probabilities of chosen tokens.
+
+Sequences are grouped by length (longest first) and results returned in input order.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from harmprune.formatting import IGNORE_INDEX, Encoded, collate_for_loss
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def response_nll_sums(
+    model, examples: Sequence[Encoded], pad_id: int, batch_size: int = 4
+) -> tuple[list[float], list[int]]:
+    """Per example: the summed next-token NLL of its response tokens, and how many tokens that sum covers."""
+    sums: list[float] = [0.0] * len(examples)
+    counts: list[int] = [0] * len(examples)
+    device = model_device(model)
+    for batch in _batches([len(e.input_ids) for e in examples], batch_size):
+        enc = collate_for_loss([examples[i] for i in batch], pad_id)
+        logits = model(
+            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False
+        ).logits
+        labels = enc["labels"][:, 1:].to(device)
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1, :].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="none",
+        ).view(labels.shape)
+        for row, i in enumerate(batch):
+            sums[i] = float(token_nll[row].sum())
+            counts[i] = int((labels[row] != IGNORE_INDEX).sum())
+    return sums, counts
+
+
+@torch.no_grad()
+def next_token_logprobs(
+    model, sequences: Sequence[Sequence[int]], token_ids: Sequence[int], pad_id: int, batch_size: int = 8
+) -> torch.Tensor:
+    """log p(token | sequence) for each sequence and each of ``token_ids``: a float tensor (len(sequences), len(token_ids))."""
+    out = torch.empty(len(sequences), len(token_ids), dtype=torch.float64)
+    device = model_device(model)
+    wanted = torch.tensor(list(token_ids), dtype=torch.long, device=device)
+    for batch in _batches([len(s) for s in sequences], batch_size):
+        width = max(len(sequences[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = list(sequences[i])
+            if not seq:
+                raise ValueError("cannot score the next token of an empty sequence")
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = _last_logits(model, ids.to(device), mask.to(device), positions.to(device))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)[:, wanted]
+        for row, i in enumerate(batch):
+            out[i] = logprobs[row].double().cpu()
+    return out
+
+
+def _last_logits(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits at the last position, (batch, vocab); models without ``logits_to_keep`` compute them all."""
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    try:
+        logits = model(**kwargs, logits_to_keep=1).logits
+    except TypeError:
+        logits = model(**kwargs).logits
+    return logits[:, -1, :]
