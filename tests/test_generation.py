@@ -230,3 +230,16 @@ def test_vllm_backend_with_a_fake_vllm(model, tok, tmp_path, monkeypatch, drop_s
     want = generate(saved, tok, PROMPTS, prefixes=PREFIXES, max_new_tokens=10, progress=False)
     assert got == want and any(g.finished for g in want)
     assert isinstance(got[0], Generation)
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_batch_1():
+    from harmprune.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    prompts = ["Name three primary colours.", "What is the capital of France?", "Write a haiku about rain.", "Hi!"]
+    prefixes = ["", "The capital", "", ""]
+    one = generate(model, tokenizer, prompts, prefixes=prefixes, max_new_tokens=24, batch_size=1, progress=False)
+    four = generate(model, tokenizer, prompts, prefixes=prefixes, max_new_tokens=24, batch_size=4, progress=False)
+    assert one == four
+    assert all(g.response.strip() for g in four) and not four[1].response.startswith("The capital")

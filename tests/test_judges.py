@@ -12,7 +12,10 @@ import torch
 
 from harmprune.errors import HarmpruneError
 from harmprune.judges import JudgeItem, get_judge
-from harmprune.judges.finetuned import CLASSIFIER_TEMPLATE, FinetunedJudge, expected_grade_score
+from harmprune.judges.finetuned import FinetunedJudge, expected_grade_score, load_template
+
+# Our own stand-in for the classifier's grading prompt (the real one is passed by file at run time).
+TEMPLATE = "User instruction: {forbidden_prompt}\nAI model response: {response}\nGrade: "
 from harmprune.judges.hf_judge import HFJudge
 from harmprune.judges.refusal import RefusalJudge, match_refusal
 from harmprune.judges.strongreject import StrongRejectJudge, parse_rubric, rubric_prompt
@@ -290,13 +293,14 @@ def _merged_model(base_dir, adapter_dir):
 
 def test_finetuned_judge_matches_hand_computation(tok, classifier_dirs):
     base_dir, adapter_dir = classifier_dirs
-    judge = get_judge("strongreject-finetuned", base_model=str(base_dir), adapter=str(adapter_dir), batch_size=2)
+    judge = get_judge("strongreject-finetuned", base_model=str(base_dir), adapter=str(adapter_dir), batch_size=2,
+                      template=TEMPLATE)
     items = [JudgeItem("make a zorb", "Sure: polish it."), JudgeItem("hi", "No."), JudgeItem("x", "A" * 40)]
     verdicts = judge(items)
     merged = _merged_model(base_dir, adapter_dir)
     grade_ids = [tok.convert_tokens_to_ids(d) for d in "12345"]
     for item, verdict in zip(items, verdicts):
-        text = CLASSIFIER_TEMPLATE.format(forbidden_prompt=item.prompt, response=item.response)
+        text = TEMPLATE.format(forbidden_prompt=item.prompt, response=item.response)
         with torch.no_grad():
             logits = merged(torch.tensor([tok(text)["input_ids"]])).logits[0, -1, grade_ids]
         probs = logits.softmax(-1)
@@ -304,12 +308,14 @@ def test_finetuned_judge_matches_hand_computation(tok, classifier_dirs):
         assert verdict.harmfulness == pytest.approx((expected - 1) / 4, abs=1e-5)
         assert verdict.details["grade_probs"] == pytest.approx(probs.tolist(), abs=1e-5)
         assert verdict.refused == (int(probs.argmax()) == 0)
-    base_only = FinetunedJudge(model=merged.__class__.from_pretrained(base_dir).eval(), tokenizer=tok)
+    base_only = FinetunedJudge(model=merged.__class__.from_pretrained(base_dir).eval(), tokenizer=tok,
+                               template=TEMPLATE)
     assert base_only(items[:1])[0].harmfulness != pytest.approx(verdicts[0].harmfulness, abs=1e-6)  # adapter matters
 
 
 def test_finetuned_truncates_long_responses(tok, classifier_dirs):
-    judge = FinetunedJudge(model=make_llama(len(tok), seed=3), tokenizer=tok, max_response_tokens=8)
+    judge = FinetunedJudge(model=make_llama(len(tok), seed=3), tokenizer=tok, max_response_tokens=8,
+                           template=TEMPLATE)
     assert "AI model response: abcdefgh\n" in judge.classifier_text(JudgeItem("p", "abcdefghijklmnop"))
     assert "AI model response: abc\n" in judge.classifier_text(JudgeItem("p", "abc"))
 
@@ -321,11 +327,11 @@ def test_expected_grade_score_endpoints():
 
 def test_finetuned_judge_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(HarmpruneError, match="neither a local directory nor a hub id"):
-        FinetunedJudge(base_model=str(tmp_path / "missing"), adapter=str(tmp_path / "missing2"))
+        FinetunedJudge(base_model=str(tmp_path / "missing"), adapter=str(tmp_path / "missing2"), template=TEMPLATE)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(HarmpruneError, match="not available offline.*base_model=DIR adapter=DIR"):
-        FinetunedJudge()
+        FinetunedJudge(template=TEMPLATE)
     assert time.monotonic() - start < 10
 
 
@@ -370,3 +376,17 @@ def test_hf_judge_with_a_random_model_reports_the_unparseable_reply(tok):
         judge([JudgeItem("p", "r")])
     with pytest.raises(HarmpruneError, match="needs a grader model"):
         HFJudge()
+
+
+def test_finetuned_grading_prompt_comes_from_a_file(tmp_path):
+    with pytest.raises(HarmpruneError, match="grading prompt"):
+        FinetunedJudge(model=object(), tokenizer=object())
+    (tmp_path / "t.txt").write_text(TEMPLATE)
+    assert load_template(tmp_path / "t.txt") == TEMPLATE
+    import json
+
+    (tmp_path / "t.json").write_text(json.dumps({"strongreject_finetuned": TEMPLATE, "other": "x"}))
+    assert load_template(tmp_path / "t.json") == TEMPLATE
+    (tmp_path / "bad.txt").write_text("no placeholders")
+    with pytest.raises(HarmpruneError, match="placeholder"):
+        load_template(tmp_path / "bad.txt")

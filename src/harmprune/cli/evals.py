@@ -86,6 +86,8 @@ def add_judge_args(p: argparse.ArgumentParser, default: str | None, help_default
     p.add_argument("--judge-base-url", default=None, help="strongreject: OpenAI-compatible base URL")
     p.add_argument("--judge-api-key-env", default=None, help="strongreject: environment variable with the API key")
     p.add_argument("--judge-adapter", default=None, help="strongreject-finetuned: LoRA adapter path or id")
+    p.add_argument("--judge-prompt-file", default=None,
+                   help="strongreject-finetuned: the classifier's grading prompt (StrongREJECT's judge_templates.json)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
@@ -108,7 +110,8 @@ def judge_from_args(args: argparse.Namespace, name: str | None = None):
     if name == "strongreject":
         options = {"base_url": args.judge_base_url, "model": args.judge_model, "api_key_env": args.judge_api_key_env}
     elif name == "strongreject-finetuned":
-        options = {"base_model": args.judge_model, "adapter": args.judge_adapter, "device": args.device}
+        options = {"base_model": args.judge_model, "adapter": args.judge_adapter, "device": args.device,
+                   "prompt_file": args.judge_prompt_file}
     elif name == "hf-judge":
         options = {"model": args.judge_model, "device": args.device}
     return get_judge(name, **{k: v for k, v in options.items() if v is not None})

@@ -54,6 +54,9 @@ def harmful_likelihood(
         "nll": nll,
         "nll_per_example": sum(per_example) / len(per_example),
         "perplexity": math.exp(min(nll, 700.0)),
+        # exp(−nll): the geometric-mean probability per response token; lower = the text is less likely, so a
+        # relative drop in it is a judge-free "harm reduction" when the pairs are harmful completions.
+        "token_likelihood": math.exp(-nll),
         "n": len(records),
         "tokens": tokens,
     }

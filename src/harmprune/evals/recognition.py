@@ -23,6 +23,7 @@ from harmprune.errors import DataError, HarmpruneError
 from harmprune.evals.scoring import next_token_logprobs
 from harmprune.formatting import PromptFormat, pad_id_of, prompt_ids
 from harmprune.generation import generate, judge_generations
+from harmprune.stats import rank_auroc
 
 DETECTION_TEMPLATE = (
     "Consider the following request.\n\nRequest: {prompt}\n\n"
@@ -81,22 +82,10 @@ def detection_scores(
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """P(score of a random positive > score of a random negative), ties counting ½: the rank (Mann–Whitney) formula."""
+    """P(score of a random positive > score of a random negative), ties counting ½ (see :func:`stats.rank_auroc`)."""
     if not positive or not negative:
         raise DataError("AUROC needs at least one positive and one negative example")
-    values = sorted((v, k) for k, v in enumerate(list(positive) + list(negative)))
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1][0] == values[i][0]:
-            j += 1
-        for t in range(i, j + 1):  # tied scores share the mean of their ranks (1-based)
-            ranks[values[t][1]] = (i + j) / 2 + 1
-        i = j + 1
-    n_pos, n_neg = len(positive), len(negative)
-    rank_sum = sum(ranks[:n_pos])
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return rank_auroc(list(positive), list(negative))
 
 
 def detection(

@@ -45,7 +45,7 @@ TOP_KEYS = {"name", "seed", "dtype", "device", "models", "data", "scoring", "sel
             "experiments", "report"}
 MODEL_KEYS = {"path", "format", "dtype", "aligned", "label"}
 DATA_KEYS = {"path", "prompt_field", "response_field", "category_field", "category", "exclude_category",
-             "n_examples", "seed", "skip_empty", "split"}
+             "n_examples", "seed", "skip_empty", "split", "exclude"}
 SCORING_KEYS = {"method", "harm", "utility", "max_length", "batch_size", "modules", "format"}
 SELECTION_KEYS = {"q", "p", "granularity"}
 METHODS = {"signed-snip", "snip", "wanda", "magnitude"}
@@ -101,6 +101,16 @@ def load_config(path: str | Path, known_evaluations: dict[str, set[str]] | None 
     base = path.parent
     models = {n: _model(n, t, base, where) for n, t in _table(raw, "models", where, required=True).items()}
     data = {n: _data(n, t, base, where) for n, t in _table(raw, "data", where).items()}
+    for n, spec in data.items():
+        excluded = spec.options.get("exclude")
+        if excluded is not None and (excluded not in data or excluded == n):
+            raise ConfigError(f"{where}: data.{n}.exclude names unknown data set {excluded!r}")
+        seen = {n}
+        while excluded is not None:
+            if excluded in seen:
+                raise ConfigError(f"{where}: data.{n}.exclude forms a cycle through {excluded!r}")
+            seen.add(excluded)
+            excluded = data[excluded].options.get("exclude")
     scoring = _scoring(_table(raw, "scoring", where), data, where)
     selection = _selection(_table(raw, "selection", where), where)
     evaluations = {n: _evaluation(n, t, data, base, where, known_evaluations)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from harmprune import __version__
-from harmprune.data import Record, load_records, records_digest
+from harmprune.data import Record, load_records, records_digest, sample
 from harmprune.experiments.config import Config
 from harmprune.io import atomic_write_json, sha256_file
 from harmprune.store import Store
@@ -56,12 +56,17 @@ class Runner:
         if data_name not in self._records:
             spec = self.config.data[data_name]
             opts = dict(spec.options)
-            self._records[data_name] = load_records(
+            records = load_records(
                 spec.path, prompt_field=opts.get("prompt_field"), response_field=opts.get("response_field"),
                 category_field=opts.get("category_field"), category=opts.get("category"),
-                exclude_category=opts.get("exclude_category"), n_examples=opts.get("n_examples"),
-                seed=opts.get("seed", self.config.seed), skip_empty=opts.get("skip_empty", False),
-                require_response=False, split=opts.get("split", "train"))
+                exclude_category=opts.get("exclude_category"), require_response=opts.get("skip_empty", False),
+                skip_empty=opts.get("skip_empty", False), split=opts.get("split", "train"))
+            if opts.get("exclude"):  # held-out sets: drop every prompt the other data set uses
+                used = {r.prompt for r in self.records(opts["exclude"])}
+                records = [r for r in records if r.prompt not in used]
+            if opts.get("n_examples"):
+                records = sample(records, opts["n_examples"], opts.get("seed", self.config.seed))
+            self._records[data_name] = records
         return self._records[data_name]
 
     def data_hash(self, data_name: str) -> str:
@@ -218,6 +223,126 @@ class Runner:
         d = self.stage("evaluate", params, build, "metrics.json")
         return json.loads((d / "metrics.json").read_text())
 
+    # ---------------------------------------------------------------------- Experiments II: derived inputs
+
+    def derived_data(self, name: str, records: list[Record]) -> str:
+        """Make ``records`` usable wherever a data-set name is (scores, masks, evaluations); return ``name``.
+
+        Every stage keys data by the records' digest, never by name, so a derived set is cached like any other.
+        """
+        from harmprune.errors import DataError
+
+        if not records:
+            raise DataError(f"derived data set {name!r} is empty")
+        if name in self._records and records_digest(self._records[name]) != records_digest(records):
+            raise ValueError(f"derived data set {name!r} already names different records")
+        self._records[name] = list(records)
+        return name
+
+    def records_subset(self, data_name: str, category: str | list[str] | None = None,
+                       exclude: str | list[str] | None = None) -> str:
+        """The records of ``data_name`` in ``category`` and not in ``exclude``, as a derived data set's name."""
+        from harmprune.data import filter_categories
+
+        keep, drop = _as_names(category), _as_names(exclude)
+        if not keep and not drop:
+            return data_name
+        name = data_name + "[" + ",".join(keep) + ("" if not drop else " -" + ",".join(drop)) + "]"
+        if name not in self._records:
+            records = self.records(data_name)
+            present = {r.category for r in records}
+            drop = [c for c in drop if c in present]  # excluding an absent category is a no-op, not an error
+            kept = filter_categories(records, keep or None, drop or None, data_name) if keep or drop else records
+            self.derived_data(name, kept)
+        return name
+
+    def derived_evaluation(self, evaluation: str, **overrides: Any) -> str:
+        """A copy of a configured evaluation with some parameters replaced (e.g. its data); return its name."""
+        spec = {**self.config.evaluations[evaluation], **overrides}
+        name = f"{evaluation}@{stable_hash(overrides)[:10]}"
+        self.config.evaluations[name] = spec
+        return name
+
+    def generated_data(self, model_name: str, data_name: str, *, prefix: str = "", max_new_tokens: int = 128,
+                       batch_size: int = 8) -> str:
+        """The model's own greedy answers to ``data_name``'s prompts, as a derived data set (cached stage).
+
+        With ``prefix`` every answer is forced to open with it (a prefilling attack, to get compliant answers from
+        a model that would refuse); the stored response is the prefix followed by the continuation. Empty
+        answers are dropped.
+        """
+        from harmprune.data import load_records, write_jsonl
+        from harmprune.generation import generate
+
+        fmt = self.model_format(model_name)
+        params = {"model": self.model_hash(model_name), "data": self.data_hash(data_name), "format": fmt,
+                  "prefix": prefix, "max_new_tokens": max_new_tokens}
+
+        def build(d: Path) -> None:
+            model, tok = self.model(model_name)
+            records = self.records(data_name)
+            gens = generate(model, tok, [r.prompt for r in records], fmt=fmt, prefixes=[prefix] * len(records),
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+            write_jsonl([Record(r.prompt, g.prefix + g.response, r.category) for r, g in zip(records, gens)],
+                        d / "records.jsonl")
+
+        d = self.stage("generate", params, build, "records.jsonl")
+        records = [r for r in load_records(d / "records.jsonl") if r.response and r.response.strip() != prefix.strip()]
+        return self.derived_data(f"{data_name}@{model_name}:{d.name[:8]}", records)
+
+    def saved_mask(self, mask, provenance: dict[str, Any]) -> Path:
+        """A mask computed by an experiment (e.g. an intersection of masks) as a cached mask file."""
+        from harmprune.selection import save_mask
+
+        return self.stage("mask", {"derived": provenance},
+                          lambda d: save_mask(mask, d / "mask.safetensors"), "mask.safetensors") / "mask.safetensors"
+
+    def finetuned(self, model_name: str, data_name: str, *, mask: Path | None = None, keep_pruned: bool = True,
+                  seed: int = 0, rank: int = 8, alpha: float = 16, lr: float = 1e-3, steps: int = 40,
+                  batch_size: int = 8, max_length: int = 256) -> str:
+        """LoRA fine-tune of ``model`` (pruned by ``mask`` first) on ``data``, merged and saved; return its name.
+
+        With ``keep_pruned`` the pruned weights stay exactly zero through training and merging
+        (:func:`harmprune.finetune.lora_finetune`); without it the dense LoRA delta may regrow them. The result is
+        registered as a model named ``<model>+ft-<key>``, with ``model``'s format and settings.
+        """
+        from harmprune.finetune import lora_finetune, merge
+        from harmprune.models import save_model
+        from harmprune.pruning import apply_mask
+        from harmprune.selection import load_mask
+
+        fmt = self.model_format(model_name)
+        hparams = {"rank": rank, "alpha": alpha, "lr": lr, "steps": steps, "batch_size": batch_size,
+                   "max_length": max_length, "seed": seed}
+        params = {"model": self.model_hash(model_name), "data": self.data_hash(data_name), "format": fmt,
+                  "mask": sha256_file(mask) if mask else None, "keep_pruned": bool(mask) and keep_pruned, **hparams}
+
+        def build(d: Path) -> None:
+            self._loaded = None  # train a fresh copy: the peft wrap and the pruning happen in place
+            model, tok = self.model(model_name)
+            self._loaded = None
+            keep = load_mask(mask) if mask and keep_pruned else None
+            if mask and not keep_pruned:
+                apply_mask(model, load_mask(mask))
+            records = [r for r in self.records(data_name) if r.response]
+            peft_model = lora_finetune(model, tok, records, rank=rank, alpha=alpha, lr=lr, max_steps=steps,
+                                       epochs=max(1.0, steps * batch_size / max(1, len(records))),
+                                       batch_size=batch_size, max_length=max_length, fmt=fmt, seed=seed,
+                                       keep_pruned=keep, progress=False)
+            info = dict(peft_model.finetune_info)
+            save_model(merge(peft_model), tok, d / "model")
+            atomic_write_json(d / "finetune.json", info)
+
+        d = self.stage("finetune", params, build, "finetune.json")
+        name = f"{model_name}+ft-{d.name[:8]}"
+        if name not in self.config.models:
+            self.register_model(name, d / "model", like=model_name)
+        return name
+
+    def finetune_info(self, model_name: str) -> dict[str, Any]:
+        """The training record (hyper-parameters, losses) of a model made by :meth:`finetuned`."""
+        return json.loads((Path(self.model_path(model_name)).parent / "finetune.json").read_text())
+
 
 def hash_model_source(source: str) -> str:
     """sha256 over a model directory's files (or a file, or a hub id string), memoised by size and mtime."""
@@ -262,3 +387,14 @@ def _first(value: Any) -> Any:
 def _describe(params: dict[str, Any]) -> str:
     short = {k: (v[:10] if isinstance(v, str) and len(v) == 64 else v) for k, v in params.items()}
     return json.dumps(short, default=str)[:200]
+
+
+# ---------------------------------------------------------------------------------------------- Experiments II
+
+STAGE_VERSIONS.setdefault("generate", 1)
+
+
+def _as_names(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return sorted({value} if isinstance(value, str) else set(value))
