@@ -15,6 +15,10 @@ full set of gradients is kept alive.
 Batch size changes none of the results: the summed loss makes ∇ additive for ``signed-snip``; ``snip`` builds
 each example's exact ``nn.Linear`` gradient from the layer input and output gradient (G_i = δ_iᵀ X_i) inside
 the backward hook before taking its absolute value; ``wanda`` sums squares over positions.
+
+The same additivity makes scoring distributable (see ``harmprune.distributed``): each rank scores its share of the
+examples and the float32 sums are added across ranks before the scores are formed (for ``wanda``, the sums of
+squares, before the square root).
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ from tqdm.auto import tqdm
 
 from harmprune import __version__
 from harmprune.data import Record, records_digest
+from harmprune.distributed import (
+    DistContext, all_reduce_sum_, batches_per_rank, context, gather_rows, init_distributed, is_sharded, local,
+    owners, rank_share, reduce_scatter_rows, save_shards, sum_count,
+)
 from harmprune.errors import HarmpruneError
 from harmprune.formatting import IGNORE_INDEX, PromptFormat, collate_for_loss, encode_pair, pad_id_of
 from harmprune.formatting import per_example_response_nll
@@ -48,6 +56,8 @@ class Scores:
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, object] = field(default_factory=dict)
+    # FSDP-sharded scoring: the rank whose shard file holds each tensor; ``tensors`` holds this rank's only.
+    owners: dict[str, int] | None = None
 
     @property
     def method(self) -> str:
@@ -80,10 +90,18 @@ def compute_scores(
     modules: str | None = None,
     progress: bool = True,
     gradient_checkpointing: bool = False,
+    distributed: bool | None = None,
 ) -> Scores:
-    """Score every selected weight of ``model`` on the (prompt, response) pairs in ``records``."""
+    """Score every selected weight of ``model`` on the (prompt, response) pairs in ``records``.
+
+    ``distributed``: None scores across the torch.distributed job if one is running, True joins (or starts, from
+    torchrun's environment) one, False scores in this process alone. Every rank passes the same records; an
+    FSDP2-sharded model returns on each rank only the score tensors that rank's shard file will hold.
+    """
     if method not in METHODS:
         raise HarmpruneError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    ctx = _job(model, distributed)
+    sharded = ctx is not None and is_sharded(model)
     params = scored_parameters(model, modules)
     meta: dict[str, object] = {
         "method": method,
@@ -93,25 +111,36 @@ def compute_scores(
         "dtype": str(next(iter(params.values())).dtype).removeprefix("torch."),
     }
     if method == "magnitude":
-        tensors = {n: p.detach().float().abs() for n, p in params.items()}
-        return Scores(tensors, {**meta, "examples": 0, "tokens": 0})
+        tensors = {n: local(p).detach().float().abs() for n, p in params.items()}
+        return _result(tensors, params, {**meta, "examples": 0, "tokens": 0}, ctx if sharded else None)
     if gradient_checkpointing and method != "signed-snip":
         raise HarmpruneError("gradient checkpointing re-runs forward hooks; it is only supported for signed-snip")
 
     encoded = [_encode(tokenizer, r, fmt, max_length, i) for i, r in enumerate(records)]
-    accumulators = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding
+    mine = rank_share(order, ctx.rank, ctx.world) if ctx else order
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    # Sharded ranks all-gather weights in every pass, so a rank with fewer examples runs zero-weight passes.
+    n_passes = batches_per_rank(len(order), ctx.world, batch_size) if sharded else len(batches)
+    accumulators = _accumulators(method, params)
+    reduce_rows, group = None, None
+    if sharded and method == "snip":
+        group = torch.distributed.new_group(backend=torch.distributed.get_backend())  # apart from FSDP's traffic
+        reduce_rows = lambda full: reduce_scatter_rows(full, ctx, group)  # noqa: E731
     collector = {"signed-snip": _GradientSum, "snip": _AbsExampleGradientSum, "wanda": _InputNormSum}[method]
     n_tokens = 0
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
+    show = progress and (ctx is None or ctx.is_main)
     with _scoring_mode(model, params, method, checkpointing=gradient_checkpointing):
-        with collector(model, params, accumulators) as hooks:
-            order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding
-            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-            for batch_idx in tqdm(batches, desc=f"scoring ({method})", disable=not progress, unit="batch"):
-                batch = {k: v.to(device) for k, v in collate_for_loss([encoded[i] for i in batch_idx], pad).items()}
-                n_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-                hooks.begin_batch(batch["labels"] != IGNORE_INDEX)
+        with collector(model, params, accumulators, reduce_rows) as hooks:
+            for j in tqdm(range(n_passes), desc=f"scoring ({method})", disable=not show, unit="batch"):
+                real = j < len(batches)
+                chosen = batches[j] if real else order[:1]
+                batch = {k: v.to(device) for k, v in collate_for_loss([encoded[i] for i in chosen], pad).items()}
+                response = batch["labels"] != IGNORE_INDEX
+                n_tokens += int(response.sum()) if real else 0
+                hooks.begin_batch(response if real else torch.zeros_like(response))
                 if method == "wanda":
                     with torch.no_grad():
                         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -119,17 +148,36 @@ def compute_scores(
                     logits = model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
                     ).logits
-                    per_example_response_nll(logits, batch["labels"]).sum().backward()
+                    loss = per_example_response_nll(logits, batch["labels"]).sum()
+                    (loss if real else loss * 0).backward()
+    if group is not None:
+        torch.distributed.destroy_process_group(group)
+    if ctx is not None:
+        if not sharded or method == "wanda":  # sharded gradients were already summed by FSDP / the snip hooks
+            all_reduce_sum_(accumulators.values())
+        n_tokens = sum_count(n_tokens, device)
     tensors = _finalise(method, params, accumulators)
     meta.update({"examples": len(records), "tokens": n_tokens, "prompt_format": fmt, "max_length": max_length,
                  "data_sha256": records_digest(records)})
-    return Scores(tensors, meta)
+    return _result(tensors, params, meta, ctx if sharded else None)
 
 
 def save_scores(scores: Scores, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write scores as safetensors (float32 unless ``dtype`` lowers it) with their metadata."""
+    """Write scores as safetensors (float32 unless ``dtype`` lowers it) with their metadata.
+
+    In a torch.distributed job every rank calls it: rank 0 writes a whole-model file; FSDP-sharded scores are
+    written as one shard per rank plus an index (``scores-0000r-of-0000N.safetensors``, ``.index.json``).
+    """
     tensors = {n: t.to(dtype) for n, t in scores.tensors.items()}
-    return save_tensors(tensors, path, {**scores.metadata, "save_dtype": str(dtype).removeprefix("torch.")})
+    meta = {**scores.metadata, "save_dtype": str(dtype).removeprefix("torch.")}
+    ctx = context()
+    if scores.owners is not None:
+        if ctx is None:
+            raise HarmpruneError("sharded scores are saved by every rank of their torch.distributed job")
+        return save_shards(tensors, scores.owners, path, meta, ctx)
+    if ctx is not None and not ctx.is_main:
+        return Path(path)
+    return save_tensors(tensors, path, meta)
 
 
 def load_scores(path: str | Path) -> Scores:
@@ -139,6 +187,39 @@ def load_scores(path: str | Path) -> Scores:
 
 
 # ---------------------------------------------------------------------------------------------- internals
+
+
+def _job(model: nn.Module, distributed: bool | None) -> DistContext | None:
+    ctx = context()
+    if distributed is False:
+        if ctx is not None and is_sharded(model):
+            raise HarmpruneError("an FSDP-sharded model is scored by all ranks together (distributed=False given)")
+        return None
+    if distributed and ctx is None:
+        ctx = init_distributed()
+    return ctx
+
+
+def _result(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter], meta: dict[str, object],
+            ctx: DistContext | None) -> Scores:
+    """Scores as returned: whole tensors, or (FSDP) each matrix gathered onto the rank that will write it."""
+    if ctx is None:
+        return Scores(tensors, meta)
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    owner_of = owners(shapes, ctx.world)
+    mine = {}
+    for name in params:
+        full = gather_rows(tensors.pop(name), shapes[name], owner_of[name], ctx)
+        if full is not None:
+            mine[name] = full.cpu()
+    return Scores(mine, meta, owners=owner_of)
+
+
+def _accumulators(method: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """float32 sums: this rank's rows of each weight's gradient sum, or (wanda) each input feature's Σ x²."""
+    if method == "wanda":
+        return {n: torch.zeros(p.shape[1], dtype=torch.float32, device=p.device) for n, p in params.items()}
+    return {n: torch.zeros(local(p).shape, dtype=torch.float32, device=local(p).device) for n, p in params.items()}
 
 
 def _encode(tokenizer, record: Record, fmt: PromptFormat, max_length: int, i: int):
@@ -194,8 +275,10 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
 class _Collector:
     """Hooks that fold one batch's contribution into float32 accumulators."""
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], acc: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], acc: dict[str, torch.Tensor],
+                 reduce_rows=None):
         self.model, self.params, self.acc = model, params, acc
+        self.reduce_rows = reduce_rows  # FSDP snip: Σ over ranks of a whole-matrix sum, this rank's rows kept
         self.response_mask: torch.Tensor | None = None
         self._stack = ExitStack()
 
@@ -231,7 +314,7 @@ class _GradientSum(_Collector):
         acc = self.acc[name]
 
         def hook(p: torch.Tensor) -> None:
-            acc.add_(p.grad.float())
+            acc.add_(local(p.grad).float())  # FSDP2 runs this hook on the reduced, sharded gradient
             p.grad = None
 
         return hook
@@ -253,7 +336,8 @@ class _AbsExampleGradientSum(_Collector):
 
             def grad_hook(delta: torch.Tensor) -> None:
                 per_example = torch.einsum("bto,bti->boi", delta.float(), x.float())
-                acc.add_(per_example.abs_().sum(dim=0))
+                total = per_example.abs_().sum(dim=0)
+                acc.add_(self.reduce_rows(total) if self.reduce_rows else total)
 
             output.register_hook(grad_hook)
 
@@ -264,29 +348,28 @@ class _InputNormSum(_Collector):
     """wanda: Σ over response positions of X_k², per input feature k of each Linear layer."""
 
     def install(self) -> None:
-        self.sq = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
-                   for name, m in self._modules()}
         for name, module in self._modules():
             handle = module.register_forward_hook(self._forward_hook(name))
             self._stack.callback(handle.remove)
 
     def _forward_hook(self, name: str):
+        sq = self.acc[name]
+
         def forward_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0].detach()
             mask = self.response_mask.to(x.device)
-            self.sq[name].add_(x[mask].float().pow(2).sum(dim=0))
+            sq.add_(x[mask].float().pow(2).sum(dim=0))
 
         return forward_hook
 
-    def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
-        for name, sq in self.sq.items():
-            self.acc[name].copy_(sq.sqrt().unsqueeze(0).expand_as(self.acc[name]))
-
 
 def _finalise(method: str, params: dict[str, nn.Parameter], acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores from the sums, formed in the accumulators' own memory (wanda's are per-feature vectors)."""
     out = {}
     for name, p in params.items():
-        w = p.detach().float()
-        out[name] = (w * acc[name]) if method == "signed-snip" else (w.abs() * acc[name])
+        w = local(p).detach().float()  # the weight itself when it is float32: never modify it in place
+        if method == "wanda":
+            out[name] = w.abs() * acc.pop(name).sqrt_().unsqueeze(0)
+        else:
+            out[name] = acc.pop(name).mul_(w if method == "signed-snip" else w.abs())
     return out

@@ -11,6 +11,10 @@ stored raw; the direction is decided here, from each file's ``method`` metadata.
 Counts are floor(fraction × size) per unit: per weight matrix (``matrix``, the default), per output row (``row``)
 or over all scored weights at once (``global``). Ties are broken by flat index, so results are deterministic.
 A mask is a dict of weight name → sorted 1-D int64 flat indices.
+
+``select`` reads score tensors one at a time, so it never holds all scores in memory: ``matrix`` and ``row`` work
+tensor by tensor, and ``global`` finds the exact k-th largest value by a radix select over the float32 bit
+patterns (two histogram passes over the tensors) before a third pass collects the indices.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -105,25 +109,48 @@ def select(
     harm_method: str | None = None,
     utility_method: str | None = None,
 ) -> Mask:
-    """Harm set (top-q by harm-support) minus utility set (top-p by utility-support)."""
+    """Harm set (top-q by harm-support) minus utility set (top-p by utility-support), one tensor at a time."""
     if granularity not in GRANULARITIES:
         raise ScoreFileError(f"unknown granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
+    _check_fraction(q)
+    _check_fraction(p)
     harm_method = harm_method or _method_of(harm, "harm")
     names = _names(harm)
     if utility is not None:
         utility_method = utility_method or _method_of(utility, "utility")
         _check_compatible(harm, utility)
-    shapes = {n: tuple(_get(harm, n).shape) for n in names}
-    harm_support = ((n, support(_get(harm, n), harm_method)) for n in names)
-    harm_sets = _per_unit(harm_support, q, granularity)
-    if utility is None or p == 0:
-        util_sets = {n: torch.empty(0, dtype=torch.long) for n in names}
-    else:
-        util_sets = _per_unit(((n, support(_get(utility, n), utility_method)) for n in names), p, granularity)
-    indices = {n: difference(harm_sets[n], util_sets[n]) for n in names}
+    shapes = {n: _shape(harm, n) for n in names}
+    harm_of = lambda n: support(_get(harm, n), harm_method)  # noqa: E731
+    harm_pick = _picker(names, harm_of, shapes, q, granularity)
+    util_pick = None
+    if utility is not None and p > 0:
+        util_of = lambda n: support(_get(utility, n), utility_method)  # noqa: E731
+        util_pick = _picker(names, util_of, shapes, p, granularity)
+    indices = {}
+    for n in names:
+        chosen = harm_pick(n)
+        indices[n] = difference(chosen, util_pick(n)) if util_pick else chosen
     meta = {"q": q, "p": p, "granularity": granularity, "harm_method": harm_method,
             "utility_method": utility_method, "harmprune_version": __version__, "kind": "harm-minus-utility"}
     return Mask(indices, shapes, meta)
+
+
+def select_global_streaming(names: Sequence[str], load: Callable[[str], torch.Tensor], fraction: float,
+                            shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+    """``select_global`` reading one tensor at a time through ``load(name)``: the same indices, bounded memory."""
+    _check_fraction(fraction)
+    sizes = {n: math.prod(shapes[n]) if shapes else load(n).numel() for n in names}
+    cut = _global_cut(names, load, math.floor(fraction * sum(sizes.values())))
+    return {n: cut.take(load(n)) for n in names}
+
+
+def _picker(names: list[str], load: Callable[[str], torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+            fraction: float, granularity: str) -> Callable[[str], torch.Tensor]:
+    """A function giving one tensor's chosen indices; called for the names in order."""
+    if granularity != "global":
+        return lambda n: top_fraction(load(n), fraction, granularity)
+    cut = _global_cut(names, load, math.floor(fraction * sum(math.prod(s) for s in shapes.values())))
+    return lambda n: cut.take(load(n))
 
 
 def select_counts(scores: TensorFile | Mapping[str, torch.Tensor], counts: Mapping[str, int],
@@ -136,12 +163,6 @@ def select_counts(scores: TensorFile | Mapping[str, torch.Tensor], counts: Mappi
         shapes[name] = tuple(values.shape)
         indices[name] = _top_k_flat(values.reshape(-1), k)
     return Mask(indices, shapes, {"kind": "top-count", "method": method})
-
-
-def _per_unit(items: Iterable[tuple[str, torch.Tensor]], fraction: float, granularity: str) -> dict[str, torch.Tensor]:
-    if granularity == "global":
-        return select_global(items, fraction)
-    return {n: top_fraction(v, fraction, granularity) for n, v in items}
 
 
 # ---------------------------------------------------------------------------------------------- set algebra
@@ -264,6 +285,80 @@ def _draw_near(targets: torch.Tensor, size: int, window: float, gen: torch.Gener
     return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
 
 
+# ---------------------------------------------------------------------------------------------- streaming global
+
+_CHUNK = 1 << 22  # elements turned into sort keys at a time
+_HALF = 1 << 16  # radix digit: 16 bits, two digits per float32
+
+
+def sort_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like ``torch.sort`` orders float32: −0 equals +0, every NaN above +inf."""
+    v = values.reshape(-1).float() + 0.0  # a copy we own, with −0 + 0 = +0
+    nan = torch.isnan(v) if v.numel() and bool(torch.isnan(v.max())) else None  # max is NaN iff any is
+    keys = v.view(torch.int32)
+    flip = keys >> 31
+    flip &= 0x7FFFFFFF
+    keys ^= flip  # negatives' magnitude bits flipped: signed int order is now float order
+    return keys if nan is None else keys.masked_fill_(nan, torch.iinfo(torch.int32).max)
+
+
+@dataclass
+class _GlobalCut:
+    """Everything above ``key``, plus the first ``ties`` entries equal to it in (tensor order, flat index)."""
+
+    key: int
+    ties: int
+    everything: bool = False
+    nothing: bool = False
+
+    def take(self, values: torch.Tensor) -> torch.Tensor:
+        """This tensor's chosen flat indices (sorted); call once per tensor, in the selection's tensor order."""
+        if self.nothing or self.everything:
+            return torch.arange(values.numel()) if self.everything else torch.empty(0, dtype=torch.long)
+        flat = values.reshape(-1)
+        above, equal = [], []
+        for start in range(0, flat.numel(), _CHUNK):
+            keys = sort_keys(flat[start : start + _CHUNK])
+            above.append(torch.nonzero(keys > self.key).flatten() + start)
+            if self.ties:
+                eq = torch.nonzero(keys == self.key).flatten()[: self.ties] + start
+                self.ties -= eq.numel()
+                equal.append(eq)
+        return torch.cat(above + equal).sort().values if above else torch.empty(0, dtype=torch.long)
+
+
+def _global_cut(names: Sequence[str], load: Callable[[str], torch.Tensor], k: int) -> _GlobalCut:
+    """The exact k-th largest key over all tensors: a histogram of the high 16 bits, then of the low 16."""
+    if k <= 0:
+        return _GlobalCut(0, 0, nothing=True)
+    high = _histogram(names, load, lambda keys: (keys >> 16).add_(_HALF // 2))
+    total = int(high.sum())
+    if k >= total:
+        return _GlobalCut(0, 0, everything=True)
+    hi_bin, rank_in_bin = _bin_of_kth(high, k)
+    base = (hi_bin - _HALF // 2) << 16
+    low = _histogram(names, load, lambda keys: (keys[(keys >> 16) == hi_bin - _HALF // 2] - base))
+    lo_bin, need = _bin_of_kth(low, rank_in_bin)
+    return _GlobalCut(base + lo_bin, need)
+
+
+def _histogram(names: Sequence[str], load: Callable[[str], torch.Tensor], digit) -> torch.Tensor:
+    counts = torch.zeros(_HALF, dtype=torch.long)
+    for name in names:
+        flat = load(name).reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            counts += torch.bincount(digit(sort_keys(flat[start : start + _CHUNK])), minlength=_HALF)
+    return counts
+
+
+def _bin_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry (1-based), and that entry's rank inside the bin."""
+    from_top = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(k)))  # first position with cumulative count ≥ k
+    before = int(from_top[j - 1]) if j else 0
+    return _HALF - 1 - j, k - before
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 
@@ -316,6 +411,10 @@ def _get(scores, name: str) -> torch.Tensor:
     return scores.get(name).float() if isinstance(scores, TensorFile) else scores[name].float()
 
 
+def _shape(scores, name: str) -> tuple[int, ...]:
+    return scores.shape(name) if isinstance(scores, TensorFile) else tuple(scores[name].shape)
+
+
 def _method_of(scores, role: str) -> str:
     method = scores.metadata.get("method") if isinstance(scores, TensorFile) else None
     if not method:
@@ -329,8 +428,7 @@ def _check_compatible(harm, utility) -> None:
         missing = sorted(h - u)[:3] or sorted(u - h)[:3]
         raise ScoreFileError(f"harm and utility scores cover different weights (e.g. {missing})")
     for n in _names(harm):
-        hs = harm.shape(n) if isinstance(harm, TensorFile) else tuple(harm[n].shape)
-        us = utility.shape(n) if isinstance(utility, TensorFile) else tuple(utility[n].shape)
+        hs, us = _shape(harm, n), _shape(utility, n)
         if hs != us:
             raise ScoreFileError(f"weight {n!r}: harm scores have shape {hs}, utility scores {us}")
 

@@ -1,8 +1,8 @@
 """Named-tensor files (scores and masks): safetensors with string metadata, single or sharded.
 
 A sharded set is written like a Hugging Face checkpoint: ``name-0000i-of-0000N.safetensors`` files plus
-``name.safetensors.index.json`` mapping each tensor to its shard. Readers accept either form, and read tensors one
-at a time, so nothing needs every score in memory at once.
+``name.safetensors.index.json`` mapping each tensor to its shard. Readers accept either form, list names in sorted
+order either way, and read tensors one at a time, so nothing needs every score in memory at once.
 """
 
 from __future__ import annotations
@@ -31,18 +31,29 @@ def index_path(path: str | Path) -> Path:
     return Path(str(path) + ".index.json")
 
 
+def shard_path(path: str | Path, i: int, n: int) -> Path:
+    """The file of shard ``i`` (1-based) of ``n`` in the sharded set named ``path``."""
+    path = Path(path)
+    return path.parent / f"{path.name.removesuffix('.safetensors')}-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(path: str | Path, weight_map: Mapping[str, str], metadata: Mapping[str, object]) -> Path:
+    """Write the index of a sharded set whose shard files exist; an old single file at ``path`` is removed."""
+    path = Path(path)
+    path.unlink(missing_ok=True)  # readers prefer the single file, so a stale one would shadow the new set
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    atomic_write_json(index_path(path), {"metadata": meta, "weight_map": dict(weight_map)})
+    return path
+
+
 def save_sharded(shards: list[Mapping[str, torch.Tensor]], path: str | Path, metadata: Mapping[str, object]) -> Path:
     """Write one file per shard and an index JSON beside ``path`` (which itself is not written)."""
-    path = Path(path)
-    stem = path.name.removesuffix(".safetensors")
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
-        shard_name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_tensors(shard, path.parent / shard_name, metadata)
-        weight_map.update({name: shard_name for name in shard})
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    atomic_write_json(index_path(path), {"metadata": meta, "weight_map": weight_map})
-    return path
+        shard_file = shard_path(path, i, len(shards))
+        save_tensors(shard, shard_file, metadata)
+        weight_map.update({name: shard_file.name for name in shard})
+    return write_index(path, weight_map, metadata)
 
 
 class TensorFile:
@@ -63,7 +74,7 @@ class TensorFile:
             try:
                 index = json.loads(idx.read_text())
                 raw_meta = index["metadata"]
-                self._names = {n: idx.parent / f for n, f in index["weight_map"].items()}
+                self._names = {n: idx.parent / f for n, f in sorted(index["weight_map"].items())}
             except (json.JSONDecodeError, KeyError) as e:
                 raise ScoreFileError(f"{idx}: malformed index ({e})") from None
             for shard in set(self._names.values()):

@@ -18,6 +18,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (signed-snip)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks torchrun started: each scores its share of the examples")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model over the ranks with FSDP2 (implies --distributed); writes a sharded file")
+    p.add_argument("--load-concurrency", type=int, default=1,
+                   help="with --fsdp: ranks loading the checkpoint into host memory at once")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("select", help="harm set minus utility set, written as a mask file")
@@ -53,18 +59,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import torch
 
+    from harmprune import distributed
     from harmprune.attribution import compute_scores, save_scores
 
-    records = load_data(args, require_response=args.method != "magnitude")
-    model, tokenizer = load_model_from_args(args)
-    scores = compute_scores(
-        model, tokenizer, records, args.method, fmt=args.format, max_length=args.max_length,
-        batch_size=args.batch_size, modules=args.modules, gradient_checkpointing=args.gradient_checkpointing,
-    )
-    scores.metadata["data"] = args.data
-    save_scores(scores, args.out, dtype=getattr(torch, args.save_dtype))
-    print(f"wrote {args.out} ({len(scores.tensors)} weights, {scores.metadata['examples']} examples, "
-          f"{scores.metadata['tokens']} response tokens)")
+    ctx = distributed.init_distributed(args.device) if args.distributed or args.fsdp else None
+    try:
+        records = load_data(args, require_response=args.method != "magnitude")
+        if args.fsdp:
+            model, tokenizer = distributed.load_sharded_model(args.model, args.dtype, ctx, args.load_concurrency)
+        elif ctx is not None:
+            from harmprune.models import load_model
+
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device=str(ctx.device))
+        else:
+            model, tokenizer = load_model_from_args(args)
+        scores = compute_scores(
+            model, tokenizer, records, args.method, fmt=args.format, max_length=args.max_length,
+            batch_size=args.batch_size, modules=args.modules, gradient_checkpointing=args.gradient_checkpointing,
+            distributed=ctx is not None,
+        )
+        scores.metadata["data"] = args.data
+        save_scores(scores, args.out, dtype=getattr(torch, args.save_dtype))
+        distributed.barrier()
+    finally:
+        if ctx is not None:
+            distributed.shutdown()
+    if ctx is None or ctx.is_main:
+        where = f" on {ctx.world} ranks{' (FSDP, sharded file)' if args.fsdp else ''}" if ctx else ""
+        print(f"wrote {args.out} ({len(scores.owners or scores.tensors)} weights, {scores.metadata['examples']} "
+              f"examples, {scores.metadata['tokens']} response tokens{where})")
 
 
 def cmd_select(args: argparse.Namespace) -> None:
