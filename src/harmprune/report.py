@@ -276,3 +276,143 @@ def _inline(text: str) -> str:
     while "**" in out:
         out = out.replace("**", "<b>", 1).replace("**", "</b>", 1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- Experiments II sections
+
+
+def _heatmap(ax, matrix: list[list[float]], labels: list[str], title: str, fmt: str, vmin=None, vmax=None,
+             cmap: str = "viridis") -> None:
+    im = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap=cmap)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color="white" if v < (
+                (vmax if vmax is not None else max(map(max, matrix))) * 0.6) else "black")
+    ax.set_title(title)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+
+@register_section("cross_category")
+def _cross_category(result: dict[str, Any], fig_dir: Path) -> Section:
+    import matplotlib.pyplot as plt
+
+    sec = Section("Cross-category generality: select with one category, evaluate on every category")
+    for name, m in result["models"].items():
+        cats = m["categories"]
+        transfer = [[100 * m["harm_reduction"][a][b] for b in cats] for a in cats]
+        jac = [[m["jaccard"][a][b] for b in cats] for a in cats]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        _heatmap(axes[0], transfer, cats, "Harm reduction (%): row = selected with, column = evaluated on", ".0f",
+                 vmin=min(0.0, min(map(min, transfer))), vmax=100)
+        axes[0].set(xlabel="evaluated on", ylabel="selected with")
+        _heatmap(axes[1], jac, cats, f"Jaccard overlap of the per-category sets (chance {m['chance_jaccard']:.3f})",
+                 ".2f", vmin=0, vmax=1)
+        file = f"cross_category_{_slug(name)}.png"
+        _save(fig, fig_dir / file)
+        sec.figures.append((file, f"{name}: transfer of harm reduction across categories, and overlap of the "
+                                  f"selected weight sets (q={m['q']:g}, p={m['p']:g})."))
+        rows = [["selected with \\ evaluated on"] + cats]
+        rows += [[a] + [_pct(m["harm_reduction"][a][b]) for b in cats] for a in cats]
+        rows.append(["unpruned harm"] + [_f(m["baseline"][b]) for b in cats])
+        if m.get("random_control"):
+            rows.append(["random control (mean over rows)"] + [
+                _pct(sum(m["random_control"][a][b] for a in cats) / len(cats)) for b in cats])
+        if m.get("shared_core"):
+            rows.append([f"intersection of all sets ({m['shared_core']['selected']} weights)"] + [
+                _pct(m["shared_core"]["harm_reduction"][b]) for b in cats])
+        sec.text.append(f"**{name}**\n\n" + _md_table(rows))
+        sec.text.append(f"- **{name}** — {m['reading']}. Mean Jaccard {m['mean_jaccard']:.3f} vs chance "
+                        f"{m['chance_jaccard']:.3f}; {m['intersection_size']} weights are in every category's set "
+                        f"({100 * m['intersection_fraction_of_mean_set']:.1f}% of the mean set size).")
+    return sec
+
+
+@register_section("dissociation")
+def _dissociation(result: dict[str, Any], fig_dir: Path) -> Section:
+    import matplotlib.pyplot as plt
+
+    sec = Section("Dissociation: harmful generation against recognition and refusal")
+    rates = ["harm", "plain_harm", "refusal_rate", "detection_accuracy", "detection_auroc", "explanation_rate"]
+    for name, m in result["models"].items():
+        conds = m["conditions"]
+        shown = [k for k in rates if any(k in c for c in conds.values())]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / len(conds)
+        for i, (c, vals) in enumerate(conds.items()):
+            ax.bar([j + i * width for j in range(len(shown))], [vals.get(k, float("nan")) for k in shown],
+                   width=width, label=c)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))], shown, rotation=20)
+        ax.set(ylim=(0, 1.05), title=f"{name}: what each pruned set removes")
+        ax.legend()
+        file = f"dissociation_{_slug(name)}.png"
+        _save(fig, fig_dir / file)
+        sec.figures.append((file, f"{name}: harmful generation (with and without the prefilling attack), refusal, "
+                                  "detection and explanation, unpruned and with each set pruned."))
+        keys = sorted({k for c in conds.values() for k in c})
+        rows = [["condition"] + keys] + [[c] + [_f(v.get(k)) for k in keys] for c, v in conds.items()]
+        rec = m.get("recovery")
+        if rec:
+            for c, v in rec["conditions"].items():
+                rows.append([f"{c} (mean of {len(rec['seeds'])} seeds)"] + [_f(v.get(k)) for k in keys])
+        sec.text.append(f"**{name}** (harm set q={m['q']:g}, p={m['p']:g}; refusal set q={m['refusal_q']:g}, "
+                        f"p={m['refusal_p']:g})\n\n" + _md_table(rows))
+        lines = []
+        for c, ch in m["changes"].items():
+            parts = [f"{k.removesuffix('_change')} {v:+.3f}" for k, v in ch.items() if k.endswith("_change")]
+            lines.append(f"- **{c}** vs unpruned: " + ", ".join(parts))
+        if rec:
+            frac = rec["recovered_fraction"]
+            hp = rec["hyperparameters"]
+            lines.append(f"- **recovery**: a {hp['steps']}-step LoRA fine-tune (rank {hp['rank']}, lr {hp['lr']:g}, "
+                         f"pruned weights {'held at zero' if hp['keep_pruned'] else 'free to regrow'}) brings back "
+                         + ("-" if frac is None else f"{100 * frac:.0f}%") + " of the harmful generation pruning "
+                         "removed")
+        sec.text.append("\n".join(lines))
+    return sec
+
+
+@register_section("emergent_misalignment")
+def _emergent_misalignment(result: dict[str, Any], fig_dir: Path) -> Section:
+    import matplotlib.pyplot as plt
+
+    sec = Section("Emergent misalignment: narrow fine-tuning with and without pruning the harm set first")
+    for name, m in result["models"].items():
+        conds = m["conditions"]
+        labels = list(conds)
+        has_in = all("in_domain" in conds[c] for c in labels)
+        fig, axes = plt.subplots(1, 2 if has_in else 1, figsize=(11 if has_in else 6, 4), squeeze=False)
+        ax = axes[0][0]
+        rate = [100 * conds[c]["misaligned_rate"] for c in labels]
+        err = [[max(0.0, 100 * (conds[c]["misaligned_rate"] - conds[c]["ci_low"])) for c in labels],
+               [max(0.0, 100 * (conds[c]["ci_high"] - conds[c]["misaligned_rate"])) for c in labels]]
+        ax.bar(range(len(labels)), rate, yerr=err, capsize=4, color="tab:red", alpha=0.7)
+        for i, c in enumerate(labels):
+            seeds = conds[c]["per_seed_rate"]
+            ax.scatter([i] * len(seeds), [100 * s for s in seeds], color="black", s=12, zorder=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=20)
+        ax.set(ylabel="misaligned answers (%)", title="Broad misalignment outside the narrow domain")
+        if has_in:
+            axes[0][1].bar(range(len(labels)), [conds[c]["in_domain"] for c in labels], color="tab:blue", alpha=0.7)
+            axes[0][1].set_xticks(range(len(labels)), labels, rotation=20)
+            axes[0][1].set(title="In-domain learning (narrow-domain metric)")
+        file = f"emergent_misalignment_{_slug(name)}.png"
+        _save(fig, fig_dir / file)
+        sec.figures.append((file, f"{name}: misaligned rate by condition (bars: pooled over seeds and samples with "
+                                  "95% Wilson intervals; dots: each seed)."))
+        rows = [["condition", "misaligned", "95% interval", "per seed", "samples", "mean coherent", "in-domain"]]
+        for c in labels:
+            v = conds[c]
+            rows.append([c, _pct(v["misaligned_rate"]), f"{_pct(v['ci_low'])} – {_pct(v['ci_high'])}",
+                         ", ".join(_pct(s) for s in v["per_seed_rate"]), str(v["n"]), _f(v.get("mean_coherent")),
+                         _f(v.get("in_domain"))])
+        ft = m["finetune"]
+        sec.text.append(f"**{name}** (narrow domain: {m.get('narrow_category') or 'the narrow data'}; harm set "
+                        f"q={m['q']:g}, p={m['p']:g}; LoRA {ft['steps']} steps, rank {ft['rank']}, lr {ft['lr']:g}; "
+                        f"seeds {m['seeds']})\n\n" + _md_table(rows))
+    return sec
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)

@@ -225,6 +225,16 @@ class Runner:
 
     # ---------------------------------------------------------------------- Experiments II: derived inputs
 
+    def check_names(self, experiment: str, params: dict[str, Any]) -> None:
+        """Every ``*_evaluation`` / ``*_model`` / ``*_data`` parameter names a configured one (before any work)."""
+        from harmprune.errors import ConfigError
+
+        tables = {"evaluation": self.config.evaluations, "model": self.config.models, "data": self.config.data}
+        for key, value in params.items():
+            kind = key.rsplit("_", 1)[-1]
+            if kind in tables and key != kind and isinstance(value, str) and value not in tables[kind]:
+                raise ConfigError(f"{self.config.path}: experiments.{experiment}.{key} names unknown {kind} {value!r}")
+
     def derived_data(self, name: str, records: list[Record]) -> str:
         """Make ``records`` usable wherever a data-set name is (scores, masks, evaluations); return ``name``.
 

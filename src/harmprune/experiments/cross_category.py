@@ -1,0 +1,188 @@
+"""Cross-category generality: do the weights selected with one harm category's data remove harm in the others?
+
+For each category A the harm set is selected from A's calibration examples only (minus the utility set, at the
+operating point), pruned, and harmful generation is measured on the held-out prompts of every category B: a
+category × category matrix of relative harm reduction. The per-category sets are compared by their Jaccard
+overlap (and the overlap two random sets of the same per-matrix counts would have), and the weights that every
+category's set shares are pruned on their own.
+
+Prompt-only categorised sets (StrongREJECT, SimpleSafetyTests) get responses from ``response_model``: its greedy
+answers, forced to open with ``response_prefix`` (a prefilling attack), for both calibration and evaluation.
+
+Exclusion: with ``also_about_field`` (a record field listing further categories, comma/semicolon separated) or
+``also_about_keywords`` (category → words), the cell A → B is computed from A's examples that are not also about
+B, so transfer cannot come from examples the two categories share. Categories are read from the records'
+``category``; calibration and evaluation subsets are derived data sets, cached by their records' digest.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from harmprune.data import Record
+from harmprune.experiments import register_experiment
+from harmprune.experiments.runner import Runner
+from harmprune.stats import relative_reduction
+
+PARAMS = {"models", "categories", "harm_data", "utility_data", "eval_data", "harm_evaluation", "harm_metric", "q",
+          "p", "also_about_field", "also_about_keywords", "control_seeds", "evaluate_intersection", "response_model",
+          "response_prefix", "response_max_new_tokens"}
+SHARED_RATIO, SPECIFIC_RATIO = 0.75, 0.25
+
+
+@register_experiment("cross_category", PARAMS)
+def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
+    """Select with one category, evaluate on every category: transfer matrix, overlaps, shared core."""
+    runner.check_names("cross_category", params)
+    models = params.get("models") or [next(iter(runner.config.models))]
+    per_model = {m: cross_model(runner, m, params) for m in models}
+    first = per_model[models[0]]
+    headline = {"cross_category_mean_offdiag_harm_reduction": first["mean_offdiag_harm_reduction"],
+                "mean_jaccard": first["mean_jaccard"], "chance_jaccard": first["chance_jaccard"]}
+    return {"models": per_model, "headline": headline}
+
+
+def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, Any]:
+    from harmprune.experiments.controls import _operating_point
+    from harmprune.selection import load_mask
+
+    q, p = _operating_point(runner, model, params)
+    harm_data = params.get("harm_data") or runner.config.scoring["harm"]
+    utility_data = params.get("utility_data", runner.config.scoring.get("utility"))
+    harm_eval = params.get("harm_evaluation", "harm")
+    metric = params.get("harm_metric", "harmfulness")
+    eval_data = params.get("eval_data") or runner.config.evaluations[harm_eval]["data"]
+    if params.get("response_model"):  # prompt-only sets: answers of another model, forced to comply by a prefix
+        harm_data, eval_data = (_answered(runner, params, d) for d in (harm_data, eval_data))
+    cats = list(params.get("categories") or sorted({r.category for r in runner.records(harm_data) if r.category}))
+    evals = {b: runner.derived_evaluation(harm_eval, data=runner.records_subset(eval_data, b)) for b in cats}
+
+    def harm(b: str, mask, condition: str, seed: int | None = None) -> float:
+        value = float(runner.evaluate(model, evals[b], mask)[metric])
+        runner.store.record_metrics("cross_category", model, condition, f"{harm_eval}:{b}", {metric: value},
+                                    q=q, p=p, seed=seed)
+        return value
+
+    base = {b: harm(b, None, "unpruned") for b in cats}
+    calib = {a: runner.records_subset(harm_data, a) for a in cats}
+    masks = {a: runner.mask(model, q, p, harm_data=calib[a], utility_data=utility_data) for a in cats}
+    transfer: dict[str, dict[str, float]] = {}
+    n_calib: dict[str, dict[str, int]] = {}
+    for a in cats:
+        transfer[a], n_calib[a] = {}, {}
+        for b in cats:
+            mask, n = masks[a], len(runner.records(calib[a]))
+            if a != b:
+                kept = not_also_about(runner.records(calib[a]), b, params)
+                if len(kept) < n:
+                    name = runner.derived_data(f"{calib[a]}-about:{b}", kept)
+                    mask, n = runner.mask(model, q, p, harm_data=name, utility_data=utility_data), len(kept)
+            transfer[a][b] = relative_reduction(base[b], harm(b, mask, f"pruned:{a}"))
+            n_calib[a][b] = n
+    loaded = {a: load_mask(masks[a]) for a in cats}
+    overlap = overlaps(loaded)
+    result: dict[str, Any] = {
+        "q": q, "p": p, "categories": cats, "baseline": base, "harm_reduction": transfer,
+        "calibration_examples": n_calib, "masks": {a: str(masks[a]) for a in cats},
+        "selected": {a: m.count() for a, m in loaded.items()}, **overlap,
+        **_summary(transfer, cats)}
+    result["shared_core"] = shared_core(runner, model, masks, cats, harm, base, params, result.pop("intersection"))
+    if params.get("control_seeds"):
+        result["random_control"] = random_transfer(runner, model, masks, harm, base, params["control_seeds"])
+        result["random_control_mean_harm_reduction"] = _mean(
+            [v for row in result["random_control"].values() for v in row.values()])
+    result["reading"] = reading(result)
+    summary = {k: result[k] for k in ("mean_diag_harm_reduction", "mean_offdiag_harm_reduction", "mean_jaccard",
+                                      "chance_jaccard")}
+    runner.store.record_metrics("cross_category", model, "summary", "summary", summary, q=q, p=p)
+    return result
+
+
+def _answered(runner: Runner, params: dict[str, Any], data: str) -> str:
+    return runner.generated_data(params["response_model"], data, prefix=params.get("response_prefix", ""),
+                                 max_new_tokens=int(params.get("response_max_new_tokens", 128)))
+
+
+def random_transfer(runner: Runner, model: str, masks: dict[str, Any], harm, base: dict[str, float],
+                    seeds: list[int]) -> dict[str, dict[str, float]]:
+    """The transfer matrix of random masks with each category's per-matrix counts, averaged over seeds."""
+    out: dict[str, dict[str, float]] = {}
+    for a, mask in masks.items():
+        controls = [(s, runner.control(mask, "random", s, model)) for s in seeds]
+        out[a] = {b: _mean([relative_reduction(base[b], harm(b, c, f"random:{a}", s)) for s, c in controls])
+                  for b in base}
+    return out
+
+
+def not_also_about(records: list[Record], other: str, params: dict[str, Any]) -> list[Record]:
+    """The records that are not also about category ``other`` by the exclusion field or keywords (if given)."""
+    field = params.get("also_about_field")
+    words = (params.get("also_about_keywords") or {}).get(other, [])
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE) if words else None
+
+    def about(r: Record) -> bool:
+        if field and other in {s.strip() for s in re.split(r"[,;|]", str(r.source.get(field, "")))}:
+            return True
+        return bool(pattern and pattern.search(f"{r.prompt}\n{r.response or ''}"))
+
+    return [r for r in records if not about(r)]
+
+
+def overlaps(masks: dict[str, Any]) -> dict[str, Any]:
+    """Pairwise Jaccard and chance Jaccard of the per-category sets, and the intersection of all of them."""
+    from harmprune.selection import expected_jaccard, intersection, jaccard
+
+    cats = list(masks)
+    jac = {a: {b: jaccard(masks[a], masks[b]) for b in cats} for a in cats}
+    chance = {a: {b: expected_jaccard(masks[a], masks[b]) for b in cats} for a in cats}
+    pairs = [(a, b) for i, a in enumerate(cats) for b in cats[i + 1:]]
+    common = masks[cats[0]]
+    for a in cats[1:]:
+        common = intersection(common, masks[a])
+    mean_size = _mean([m.count() for m in masks.values()])
+    return {"jaccard": jac, "chance_jaccard_matrix": chance,
+            "mean_jaccard": _mean([jac[a][b] for a, b in pairs]),
+            "chance_jaccard": _mean([chance[a][b] for a, b in pairs]),
+            "intersection": common, "intersection_size": common.count(),
+            "intersection_fraction_of_mean_set": common.count() / mean_size if mean_size else 0.0}
+
+
+def shared_core(runner: Runner, model: str, masks: dict[str, Any], cats: list[str], harm, base: dict[str, float],
+                params: dict[str, Any], common) -> dict[str, Any] | None:
+    """Harm reduction per category when only the weights every category's set shares (``common``) are pruned."""
+    from harmprune.io import sha256_file
+
+    if not params.get("evaluate_intersection", True) or common.count() == 0:
+        return None
+    path = runner.saved_mask(common, {"intersection_of": sorted(sha256_file(m) for m in masks.values())})
+    red = {b: relative_reduction(base[b], harm(b, path, "intersection")) for b in cats}
+    return {"selected": common.count(), "harm_reduction": red, "mean_harm_reduction": _mean(list(red.values()))}
+
+
+def _summary(transfer: dict[str, dict[str, float]], cats: list[str]) -> dict[str, float]:
+    diag = [transfer[a][a] for a in cats]
+    off = [transfer[a][b] for a in cats for b in cats if a != b]
+    return {"mean_diag_harm_reduction": _mean(diag), "mean_offdiag_harm_reduction": _mean(off)}
+
+
+def reading(result: dict[str, Any]) -> str:
+    """One line: shared, partly shared, or category-specific, from transfer and overlap."""
+    diag, off = result["mean_diag_harm_reduction"], result["mean_offdiag_harm_reduction"]
+    ratio = off / diag if diag > 0 else float("nan")
+    if diag <= 0:
+        verdict = "no reading: pruning a category's own set did not reduce its harm"
+    elif ratio >= SHARED_RATIO:
+        verdict = "shared: one category's weights remove most of the harm of the others"
+    elif ratio >= SPECIFIC_RATIO:
+        verdict = "partly shared: one category's weights remove some of the harm of the others"
+    else:
+        verdict = "category-specific: one category's weights leave the others' harm largely in place"
+    chance = result["chance_jaccard"]
+    times = f"{result['mean_jaccard'] / chance:.1f}x chance" if chance > 0 else "chance 0"
+    return (f"{verdict} (off-diagonal reduction {100 * off:.1f}% vs {100 * diag:.1f}% on the diagonal; "
+            f"per-category sets overlap with Jaccard {result['mean_jaccard']:.3f}, {times})")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,149 @@
+"""Dissociation: pruning harmful generation leaves recognising, explaining and refusing harm in place, and back.
+
+Conditions, each measured on the same evaluations:
+
+* **unpruned**;
+* **harm-set**: the harm set at the operating point pruned. Harmful generation should drop while detection
+  (accuracy, AUROC), explanation and the refusal rate on plain harmful prompts stay near the unpruned model;
+* **refusal-set** (refusal ablation): the top weights for answering harmful prompts with a *refusal*, minus the
+  utility set, pruned. The refusal rate should drop while the capability stays: the likelihood of harmful
+  completions barely moves and plain (unattacked) generation turns harmful. Together with the harm set this is a
+  double dissociation;
+* **recovery**: a short LoRA fine-tune on harmful pairs of the harm-set-pruned model (by default the pruned
+  weights are held at zero throughout), next to the same fine-tune of the unpruned model. The recovered fraction
+  is (harm after fine-tuning the pruned model − harm pruned) / (harm unpruned − harm pruned).
+
+Refusal data: a data set of prompt → refusal pairs; prompts without responses are paired with generic refusals
+(:func:`harmprune.attacks.refusal_pairs`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harmprune.experiments import register_experiment
+from harmprune.experiments.runner import Runner
+from harmprune.stats import relative_reduction
+
+PARAMS = {"models", "q", "p", "harm_evaluation", "harm_metric", "plain_harm_evaluation", "plain_harm_metric",
+          "likelihood_evaluation", "likelihood_metric", "recognition_evaluation", "utility_evaluation",
+          "utility_metric", "refusal_data", "refusal_q", "refusal_p", "utility_data", "recovery_data",
+          "recovery_steps", "recovery_lr", "recovery_rank", "recovery_batch_size", "recovery_keep_pruned",
+          "recovery_seeds"}
+RECOGNITION_METRICS = ("detection_accuracy", "detection_auroc", "explanation_rate", "refusal_rate")
+
+
+@register_experiment("dissociation", PARAMS)
+def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
+    """Harm set vs refusal set: what each removes; and how much a short fine-tune brings back."""
+    runner.check_names("dissociation", params)
+    models = params.get("models") or [next(iter(runner.config.models))]
+    per_model = {m: dissociate_model(runner, m, params) for m in models}
+    c = per_model[models[0]]["conditions"]
+    headline = {"detection_accuracy_before": c["unpruned"].get("detection_accuracy"),
+                "detection_accuracy_after": c["harm-set"].get("detection_accuracy"),
+                "refusal_rate_before": c["unpruned"].get("refusal_rate"),
+                "refusal_rate_after": c["harm-set"].get("refusal_rate"),
+                "harm_recovery_fraction": per_model[models[0]].get("recovery", {}).get("recovered_fraction")}
+    return {"models": per_model, "headline": headline}
+
+
+def evaluation_plan(params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Short metric name -> (evaluation, metric in that evaluation's output), for the evaluations configured."""
+    plan = {"harm": (params.get("harm_evaluation", "harm"), params.get("harm_metric", "harmfulness"))}
+    if params.get("plain_harm_evaluation"):
+        plan["plain_harm"] = (params["plain_harm_evaluation"], params.get("plain_harm_metric", "harmfulness"))
+    if params.get("likelihood_evaluation"):
+        plan["harmful_nll"] = (params["likelihood_evaluation"], params.get("likelihood_metric", "nll"))
+    if params.get("utility_evaluation"):
+        plan["utility"] = (params["utility_evaluation"], params.get("utility_metric", "accuracy"))
+    return plan
+
+
+def dissociate_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, Any]:
+    from harmprune.experiments.controls import _operating_point
+
+    q, p = _operating_point(runner, model, params)
+    plan = evaluation_plan(params)
+    recognition = params.get("recognition_evaluation", "recognition")
+
+    def measure(model_name: str, mask, condition: str, with_recognition: bool = True, seed=None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        evals = {e for e, _ in plan.values()} | ({recognition} if with_recognition else set())
+        results = {}
+        for e in sorted(evals):
+            results[e] = runner.evaluate(model_name, e, mask)
+            runner.store.record_metrics("dissociation", model, condition, e, results[e], q=q, p=p, seed=seed)
+        for short, (e, metric) in plan.items():
+            out[short] = float(results[e][metric])
+        if with_recognition:
+            out.update({k: float(results[recognition][k]) for k in RECOGNITION_METRICS if k in results[recognition]})
+        return out
+
+    harm_mask = runner.mask(model, q, p, utility_data=params.get("utility_data"))
+    rq, rp = float(params.get("refusal_q", q)), float(params.get("refusal_p", p))
+    refusal_mask = runner.mask(model, rq, rp, harm_data=refusal_data(runner, params),
+                               utility_data=params.get("utility_data"))
+    conditions = {"unpruned": measure(model, None, "unpruned"),
+                  "harm-set": measure(model, harm_mask, "harm-set"),
+                  "refusal-set": measure(model, refusal_mask, "refusal-set")}
+    result: dict[str, Any] = {"q": q, "p": p, "refusal_q": rq, "refusal_p": rp, "conditions": conditions,
+                              "changes": changes(conditions)}
+    seeds = params.get("recovery_seeds", [0])
+    if seeds:
+        result["recovery"] = recovery(runner, model, harm_mask, params, seeds, measure, conditions)
+    runner.store.record_metrics("dissociation", model, "summary", "summary",
+                                {f"{c}/{k}": v for c, ch in result["changes"].items() for k, v in ch.items()}, q=q, p=p)
+    return result
+
+
+def refusal_data(runner: Runner, params: dict[str, Any]) -> str:
+    """The refusal-pairs data set: as configured, or its prompts paired with generic refusals."""
+    from harmprune.attacks import refusal_pairs
+    from harmprune.errors import ConfigError
+
+    name = params.get("refusal_data")
+    if not name:
+        raise ConfigError("experiments.dissociation.refusal_data is needed (prompts, or prompt -> refusal pairs)")
+    records = runner.records(name)
+    if all(r.response for r in records):
+        return name
+    return runner.derived_data(f"{name}@generic-refusals", refusal_pairs(records, seed=runner.config.seed))
+
+
+def changes(conditions: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each pruned condition against the unpruned model: relative reductions and absolute differences."""
+    base = conditions["unpruned"]
+    out = {}
+    for name, cond in conditions.items():
+        if name == "unpruned":
+            continue
+        ch = {f"{k}_change": cond[k] - base[k] for k in cond if k in base}
+        for k in ("harm", "plain_harm"):
+            if k in cond:
+                ch[f"{k}_reduction"] = relative_reduction(base[k], cond[k])
+        out[name] = ch
+    return out
+
+
+def recovery(runner: Runner, model: str, harm_mask, params: dict[str, Any], seeds: list[int], measure,
+             conditions: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Fine-tune the pruned and the unpruned model on harmful pairs; how much harmful generation returns."""
+    data = params.get("recovery_data") or runner.config.scoring["harm"]
+    hp = {"steps": int(params.get("recovery_steps", 40)), "lr": float(params.get("recovery_lr", 1e-3)),
+          "rank": int(params.get("recovery_rank", 8)), "batch_size": int(params.get("recovery_batch_size", 8))}
+    keep = bool(params.get("recovery_keep_pruned", True))
+    runs: dict[str, list[dict[str, float]]] = {"ft-pruned": [], "ft-unpruned": []}
+    for seed in seeds:
+        pruned_ft = runner.finetuned(model, data, mask=harm_mask, keep_pruned=keep, seed=seed, **hp)
+        runs["ft-pruned"].append(measure(pruned_ft, None, "ft-pruned", with_recognition=False, seed=seed))
+        plain_ft = runner.finetuned(model, data, seed=seed, **hp)
+        runs["ft-unpruned"].append(measure(plain_ft, None, "ft-unpruned", with_recognition=False, seed=seed))
+    mean = {c: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for c, rs in runs.items()}
+    base, pruned = conditions["unpruned"]["harm"], conditions["harm-set"]["harm"]
+    after = mean["ft-pruned"]["harm"]
+    removed = base - pruned
+    return {"hyperparameters": {**hp, "keep_pruned": keep, "data": data}, "seeds": seeds, "per_seed": runs,
+            "conditions": mean, "recovered_fraction": (after - pruned) / removed if removed > 0 else None,
+            "pruned_vs_unpruned_after_finetune": after / mean["ft-unpruned"]["harm"]
+            if mean["ft-unpruned"]["harm"] > 0 else None}

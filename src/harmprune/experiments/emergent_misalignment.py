@@ -1,0 +1,138 @@
+"""Emergent misalignment: does pruning the harm weights first stop a narrow fine-tune from misaligning broadly?
+
+An aligned model is LoRA-fine-tuned on one narrow domain (``narrow_data``, optionally one ``narrow_category`` of
+it). Broad misalignment is measured on questions outside that domain by an ``em`` evaluation (the narrow
+category is removed from its data); in-domain learning by ``in_domain_evaluation`` restricted to the narrow
+category. Conditions, each fine-tuned the same way with every seed of ``seeds``:
+
+* ``ft-unpruned``: the plain narrow fine-tune;
+* ``ft-pruned``: before fine-tuning, the harm set selected from the narrow domain's own harmful data
+  (``prune_data``, default the narrow data; with ``self_generated`` the unpruned fine-tuned model's own answers to
+  its prompts) minus the utility set is pruned, and held at zero during training (``keep_pruned``);
+* ``ft-random``: the same with a random mask of the same per-matrix counts (seeded like the fine-tune);
+
+plus the model before any fine-tune (``base``) and pruned without fine-tuning (``pruned``). Rates pool the
+samples of all seeds; the 95% interval is the Wilson interval of the pooled count, and the per-seed rates give
+the spread over seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harmprune.experiments import register_experiment
+from harmprune.experiments.runner import Runner
+from harmprune.stats import wilson_interval
+
+PARAMS = {"model", "narrow_data", "narrow_category", "prune_data", "utility_data", "q", "p", "em_evaluation",
+          "in_domain_evaluation", "in_domain_metric", "seeds", "self_generated", "generation_max_new_tokens",
+          "finetune_steps", "finetune_lr", "finetune_rank", "finetune_batch_size", "finetune_max_length",
+          "keep_pruned"}
+FT_CONDITIONS = ("ft-unpruned", "ft-pruned", "ft-random")
+
+
+@register_experiment("emergent_misalignment", PARAMS)
+def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
+    """Narrow fine-tune with and without pruning the harm set first; broad misalignment and in-domain learning."""
+    runner.check_names("emergent_misalignment", params)
+    model = params.get("model") or next(iter(runner.config.models))
+    result = em_model(runner, model, params)
+    c = result["conditions"]
+    headline = {"em_misaligned_rate_unpruned": c["ft-unpruned"]["misaligned_rate"],
+                "em_misaligned_rate_pruned": c["ft-pruned"]["misaligned_rate"],
+                "em_misaligned_rate_random_control": c["ft-random"]["misaligned_rate"]}
+    return {"models": {model: result}, "headline": headline}
+
+
+def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, Any]:
+    from harmprune.errors import ConfigError
+    from harmprune.experiments.controls import _operating_point
+
+    for key in ("narrow_data", "em_evaluation"):
+        if not params.get(key):
+            raise ConfigError(f"experiments.emergent_misalignment.{key} is needed")
+    q, p = _operating_point(runner, model, params)
+    cat = params.get("narrow_category")
+    narrow = runner.records_subset(params["narrow_data"], cat)
+    em_eval = _outside(runner, params["em_evaluation"], cat)
+    in_eval = _inside(runner, params.get("in_domain_evaluation"), cat)
+    in_metric = params.get("in_domain_metric", "harmfulness")
+    hp = {"steps": int(params.get("finetune_steps", 40)), "lr": float(params.get("finetune_lr", 1e-3)),
+          "rank": int(params.get("finetune_rank", 8)), "batch_size": int(params.get("finetune_batch_size", 8)),
+          "max_length": int(params.get("finetune_max_length", 256))}
+    keep = bool(params.get("keep_pruned", True))
+    utility = params.get("utility_data", runner.config.scoring.get("utility"))
+
+    def measure(model_name: str, mask, condition: str, seed: int | None = None) -> dict[str, Any]:
+        em = runner.evaluate(model_name, em_eval, mask)
+        runner.store.record_metrics("emergent_misalignment", model, condition, params["em_evaluation"], em,
+                                    q=q, p=p, seed=seed)
+        out = {k: em[k] for k in ("misaligned_rate", "misaligned_n", "n", "mean_aligned", "mean_coherent")}
+        if in_eval:
+            inside = runner.evaluate(model_name, in_eval, mask)
+            runner.store.record_metrics("emergent_misalignment", model, condition, f"{params['in_domain_evaluation']}"
+                                        f":in-domain", inside, q=q, p=p, seed=seed)
+            out["in_domain"] = float(inside[in_metric])
+        return out
+
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in ("base", "pruned", *FT_CONDITIONS)}
+    runs["base"].append(measure(model, None, "base"))
+    seeds = list(params.get("seeds", [0, 1]))
+    masks = {}
+    for seed in seeds:
+        plain = runner.finetuned(model, narrow, seed=seed, **hp)
+        runs["ft-unpruned"].append(measure(plain, None, "ft-unpruned", seed))
+        source = params.get("prune_data") or narrow
+        if params.get("self_generated"):
+            source = runner.generated_data(plain, source, max_new_tokens=int(params.get("generation_max_new_tokens",
+                                                                                         128)))
+        mask = runner.mask(model, q, p, harm_data=source, utility_data=utility)
+        if mask not in masks.values():
+            masks[seed] = mask
+            runs["pruned"].append(measure(model, mask, "pruned", seed))
+        pruned = runner.finetuned(model, narrow, mask=mask, keep_pruned=keep, seed=seed, **hp)
+        runs["ft-pruned"].append(measure(pruned, None, "ft-pruned", seed))
+        control = runner.control(mask, "random", seed, model)
+        randomised = runner.finetuned(model, narrow, mask=control, keep_pruned=keep, seed=seed, **hp)
+        runs["ft-random"].append(measure(randomised, None, "ft-random", seed))
+    conditions = {c: pooled(rs) for c, rs in runs.items()}
+    for c, v in conditions.items():
+        runner.store.record_metrics("emergent_misalignment", model, c, "summary",
+                                    {k: x for k, x in v.items() if not isinstance(x, list)}, q=q, p=p)
+    return {"q": q, "p": p, "narrow_category": cat, "seeds": seeds, "finetune": {**hp, "keep_pruned": keep},
+            "self_generated": bool(params.get("self_generated")), "conditions": conditions, "per_seed": runs}
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Misaligned rate over all samples of all seeds, its Wilson interval, per-seed rates and means."""
+    bad, n = sum(r["misaligned_n"] for r in runs), sum(r["n"] for r in runs)
+    low, high = wilson_interval(int(bad), int(n))
+    out: dict[str, Any] = {"misaligned_rate": bad / n if n else float("nan"), "misaligned_n": bad, "n": n,
+                           "ci_low": low, "ci_high": high,
+                           "per_seed_rate": [r["misaligned_rate"] for r in runs],
+                           "mean_coherent": _mean([r["mean_coherent"] for r in runs])}
+    if all("in_domain" in r for r in runs):
+        out["in_domain"] = _mean([r["in_domain"] for r in runs])
+        out["in_domain_per_seed"] = [r["in_domain"] for r in runs]
+    return out
+
+
+def _outside(runner: Runner, evaluation: str, category: str | None) -> str:
+    """The EM evaluation with the narrow category removed from its data."""
+    if not category:
+        return evaluation
+    data = runner.config.evaluations[evaluation]["data"]
+    names = data if isinstance(data, list) else [data]
+    return runner.derived_evaluation(evaluation, data=[runner.records_subset(n, exclude=category) for n in names])
+
+
+def _inside(runner: Runner, evaluation: str | None, category: str | None) -> str | None:
+    """The in-domain evaluation restricted to the narrow category."""
+    if not evaluation or not category:
+        return evaluation
+    return runner.derived_evaluation(evaluation, data=runner.records_subset(
+        runner.config.evaluations[evaluation]["data"], category))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

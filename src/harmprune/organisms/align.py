@@ -1,0 +1,242 @@
+"""Safety-tune a real chat model with LoRA: refuse harmful requests, keep answering benign ones.
+
+The result and its base model form a same-family aligned / unaligned pair for the compression experiment.
+
+Training data: harmful prompts (given by path) paired with generic refusals (:data:`attacks.GENERIC_REFUSALS`),
+mixed with benign (prompt, response) pairs (given by path). With ``benign_targets="model"`` the benign targets are
+the base model's own greedy answers instead of the file's, so the tune teaches refusal without moving benign
+behaviour towards another model's style. The adapter is merged and the model saved as a plain directory.
+
+Measured before and after, on prompts disjoint from training: refusal rate on held-out harmful prompts (the
+``refusal`` judge), refusal rate on held-out benign prompts (over-refusal) and MMLU accuracy on a subset.
+Everything goes to ``DIR/align_report.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from harmprune import __version__
+from harmprune.data import Record, load_records, records_digest, sample
+from harmprune.errors import ConfigError, DataError
+from harmprune.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "align_report.json"
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Everything an alignment run depends on (written into the report)."""
+
+    model: str
+    harmful_prompts: str
+    benign: str
+    heldout_harmful: str | None = None
+    n_harmful: int = 256
+    n_benign: int = 256
+    n_heldout: int | None = None
+    n_benign_heldout: int = 40
+    benign_targets: str = "data"  # "data": the file's responses; "model": the base model's own answers
+    rank: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    epochs: float = 1
+    lr: float = 5e-4
+    batch_size: int = 8
+    max_length: int = 192
+    dtype: str = "bfloat16"
+    seed: int = 0
+    mmlu_dir: str | None = None
+    mmlu_limit: int = 4
+    mmlu_k_shot: int = 0
+    max_new_tokens: int = 48
+    gen_batch_size: int = 16
+    threads: int | None = None
+
+
+def align_model(config: AlignConfig, out_dir: str | Path, progress: bool = True,
+                baseline: str | Path | None = None) -> dict[str, Any]:
+    """Run the alignment tune, save the merged model in ``out_dir`` and return (and write) the report.
+
+    ``baseline``: an earlier ``align_report.json`` whose "before" numbers are reused when its evaluation key
+    (model, dtype, held-out data, generation and MMLU settings) matches, which saves the base-model evaluation.
+    """
+    from harmprune.finetune import lora_finetune, merge
+    from harmprune.models import load_model, save_model
+
+    _check(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    start = time.time()
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    harmful, heldout, benign, benign_heldout, dropped = _data(config)
+    log.info("data: %d harmful, %d benign for training; %d harmful and %d benign held out (%d overlaps dropped)",
+             len(harmful), len(benign), len(heldout), len(benign_heldout), dropped)
+
+    key = evaluation_key(config, heldout, benign_heldout)
+    t = time.time()
+    before = _reuse_baseline(baseline, key)
+    if before is None:
+        before = _evaluate(model, tokenizer, heldout, benign_heldout, config, progress)
+    timings["evaluate_before"] = time.time() - t
+    log.info("before: %s", before)
+
+    t = time.time()
+    if config.benign_targets == "model":
+        benign = _own_answers(model, tokenizer, benign, config, progress)
+    train = _mix(harmful, benign, config.seed)
+    timings["benign_targets"] = time.time() - t
+    t = time.time()
+    peft_model = lora_finetune(model, tokenizer, train, rank=config.rank, alpha=config.alpha,
+                               dropout=config.dropout, epochs=config.epochs, lr=config.lr,
+                               batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
+                               progress=progress)
+    info = dict(peft_model.finetune_info)
+    model = merge(peft_model)
+    timings["train"] = time.time() - t
+
+    t = time.time()
+    after = _evaluate(model, tokenizer, heldout, benign_heldout, config, progress)
+    timings["evaluate_after"] = time.time() - t
+    log.info("after: %s", after)
+    save_model(model, tokenizer, out_dir)
+    timings["total"] = time.time() - start
+
+    report = {
+        "config": asdict(config),
+        "evaluation_key": key,
+        "model_dir": str(out_dir),
+        "before": before,
+        "after": after,
+        "change": {k: after[k] - before[k] for k in before if isinstance(before[k], float)},
+        "data": {"train_harmful": len(harmful), "train_benign": len(benign), "heldout_harmful": len(heldout),
+                 "heldout_benign": len(benign_heldout), "heldout_overlaps_dropped": dropped,
+                 "train_sha256": records_digest(train), "heldout_sha256": records_digest(heldout)},
+        "training": {k: info[k] for k in ("steps", "target_modules", "losses")},
+        "seconds": timings,
+        "harmprune_version": __version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out_dir / REPORT_FILE, report)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _check(config: AlignConfig) -> None:
+    if config.benign_targets not in ("data", "model"):
+        raise ConfigError(f"benign_targets must be 'data' or 'model', got {config.benign_targets!r}")
+    if config.n_harmful < 1 or config.n_benign < 0 or config.n_benign_heldout < 0:
+        raise ConfigError("n_harmful must be positive and n_benign, n_benign_heldout non-negative")
+    if config.mmlu_dir is not None and not (Path(config.mmlu_dir) / "test").is_dir():
+        raise ConfigError(f"{config.mmlu_dir}: not an MMLU directory (expected <dir>/test/<subject>_test.csv)")
+
+
+def normalise_prompt(text: str) -> str:
+    """Lower-case words only: two prompts that differ in case, spacing or punctuation count as the same."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _data(config: AlignConfig) -> tuple[list[Record], list[Record], list[Record], list[Record], int]:
+    """Training harmful prompts, held-out harmful prompts (disjoint), training benign pairs, held-out benign."""
+    harmful_all = load_records(config.harmful_prompts)
+    if config.heldout_harmful:
+        harmful = sample(harmful_all, config.n_harmful, config.seed)
+        heldout = load_records(config.heldout_harmful)
+        if config.n_heldout:
+            heldout = sample(heldout, config.n_heldout, config.seed)
+    else:  # one file: a seeded split
+        n_test = config.n_heldout or max(1, len(harmful_all) // 5)
+        if n_test >= len(harmful_all):
+            raise DataError(f"{config.harmful_prompts}: {len(harmful_all)} prompts cannot give {n_test} held out")
+        heldout = sample(harmful_all, n_test, config.seed + 1)
+        rest = [r for r in harmful_all if r not in heldout]
+        harmful = sample(rest, config.n_harmful, config.seed)
+    seen = {normalise_prompt(r.prompt) for r in harmful}
+    kept = [r for r in heldout if normalise_prompt(r.prompt) not in seen]
+    if not kept:
+        raise DataError("every held-out harmful prompt also appears in the training prompts")
+    benign_all = load_records(config.benign, require_response=True, skip_empty=True)
+    need = config.n_benign + config.n_benign_heldout
+    if need > len(benign_all):
+        raise DataError(f"{config.benign}: {len(benign_all)} pairs, but {need} are needed (train + held out)")
+    chosen = sample(benign_all, need, config.seed)
+    order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    benign = [chosen[i] for i in order[: config.n_benign]]
+    benign_heldout = [chosen[i] for i in order[config.n_benign :]]
+    return harmful, kept, benign, benign_heldout, len(heldout) - len(kept)
+
+
+def _mix(harmful: Sequence[Record], benign: Sequence[Record], seed: int) -> list[Record]:
+    from harmprune.attacks import refusal_pairs
+
+    return refusal_pairs(harmful, seed=seed) + list(benign)
+
+
+def _own_answers(model, tokenizer, records: Sequence[Record], config: AlignConfig, progress: bool) -> list[Record]:
+    """The model's own greedy answers to the benign prompts (answers that end unfinished are kept as they are)."""
+    from harmprune.generation import generate
+
+    gens = generate(model, tokenizer, [r.prompt for r in records], max_new_tokens=config.max_length // 2,
+                    batch_size=config.gen_batch_size, progress=progress)
+    out = [Record(r.prompt, g.response, r.category, {**r.source, "response": "base-model"})
+           for r, g in zip(records, gens) if g.response.strip()]
+    log.info("benign targets: the base model's own answers to %d of %d prompts", len(out), len(records))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluation_key(config: AlignConfig, heldout: Sequence[Record], benign_heldout: Sequence[Record]) -> str:
+    """A digest of everything the before/after numbers depend on besides the training."""
+    fields = [config.model, config.dtype, records_digest(heldout), records_digest(benign_heldout),
+              config.max_new_tokens, config.gen_batch_size, config.mmlu_dir, config.mmlu_limit, config.mmlu_k_shot]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+
+def _reuse_baseline(path: str | Path | None, key: str) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the baseline report ({e})") from None
+    if report.get("evaluation_key") != key:
+        log.warning("%s was evaluated with other settings or data; evaluating the base model again", path)
+        return None
+    log.info("reusing the base model's numbers from %s", path)
+    return dict(report["before"])
+
+
+def _evaluate(model, tokenizer, heldout, benign_heldout, config: AlignConfig, progress: bool) -> dict[str, Any]:
+    from harmprune.evals.recognition import refusal_rate
+
+    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size, progress=progress)
+    out: dict[str, Any] = {}
+    harm, _ = refusal_rate(model, tokenizer, heldout, **gen)
+    out["refusal_rate"], out["refusal_n"] = float(harm["refusal_rate"]), harm["refusal_n"]
+    if benign_heldout:
+        ben, _ = refusal_rate(model, tokenizer, benign_heldout, **gen)
+        out["benign_refusal_rate"], out["benign_refusal_n"] = float(ben["refusal_rate"]), ben["refusal_n"]
+    if config.mmlu_dir:
+        from harmprune.evals.utility import mmlu_accuracy
+
+        mmlu = mmlu_accuracy(model, tokenizer, config.mmlu_dir, k_shot=config.mmlu_k_shot, limit=config.mmlu_limit,
+                             batch_size=config.gen_batch_size)
+        out.update({k: (float(v) if isinstance(v, float) else v) for k, v in mmlu.items() if "/" not in k})
+    return out
