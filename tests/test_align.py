@@ -44,9 +44,12 @@ def config(files, **kw) -> AlignConfig:
 def test_splits_are_disjoint(files):
     cfg = config(files, n_harmful=12)
     harmful, heldout, benign, benign_heldout, dropped = _data(cfg)
-    assert dropped == 1 and [r.prompt for r in heldout] == ["ruin the sky"]  # "Misuse the CAT!" was trained on
+    assert dropped == 1 and [r.prompt for r in heldout] == ["ruin the sky"]  # "Misuse the CAT!" is in the file
     assert not {r.prompt for r in benign} & {r.prompt for r in benign_heldout}
     assert len(benign) == 6 and len(benign_heldout) == 3
+    # Held-out sets do not depend on the training sizes, so base-model numbers can be reused.
+    _, heldout2, benign2, benign_heldout2, _ = _data(config(files, n_harmful=3, n_benign=2))
+    assert heldout2 == heldout and benign_heldout2 == benign_heldout and len(benign2) == 2
     # Without a held-out file the harmful file is split, still disjointly.
     harmful, heldout, *_ = _data(config(files, heldout_harmful=None, n_heldout=3))
     assert len(heldout) == 3 and not {normalise_prompt(r.prompt) for r in heldout} & {
@@ -68,6 +71,24 @@ def test_align_writes_model_and_report(files):
     model, _ = load_model(str(out))  # a plain model directory, no adapter left
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert not os.path.exists(out / "adapter_config.json")
+
+
+def test_own_answers_drop_refusals_and_mark_unfinished(files, monkeypatch):
+    import harmprune.generation as generation
+    from harmprune.organisms.align import _own_answers
+
+    answers = {"a": ("I'm sorry, but I can't help with that.", True), "b": ("one two three four five six", True),
+               "c": ("seven eight nine ten eleven twelve", False)}
+
+    def fake_generate(model, tok, prompts, **kw):
+        assert kw["max_new_tokens"] == 7
+        return [generation.Generation(p, "", answers[p][0], 0, 3, answers[p][1], i) for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    out = _own_answers(None, None, [Record(p, "file answer") for p in "abc"], config(files, own_answer_tokens=7),
+                       progress=False)
+    assert [(r.prompt, r.response, r.source["truncated"]) for r in out] == [
+        ("b", answers["b"][0], False), ("c", answers["c"][0], True)]
 
 
 def test_bad_configs(files):

@@ -86,3 +86,28 @@ def test_refusal_ablation_beats_a_random_mask(tok, data, refuser):
     refusal_rise = ablated[0] - base[0]
     assert refusal_rise > 3 * max(rises)
     assert refusal_rise > ablated[1] - base[1]  # refusal goes more than utility does
+
+
+def test_refusal_ablation_cli(tok, data, refuser, tmp_path, capsys):
+    import argparse
+    import json
+
+    from harmprune.cli import attack as cli_attack
+    from harmprune.data import write_jsonl
+    from harmprune.models import save_model
+    from harmprune.selection import load_mask
+
+    harmful, benign = data
+    save_model(refuser, tok, tmp_path / "model")
+    write_jsonl(harmful, tmp_path / "harmful.jsonl")
+    write_jsonl(benign, tmp_path / "benign.jsonl")
+    parser = argparse.ArgumentParser()
+    cli_attack.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["attack", "refusal-ablation", "--model", str(tmp_path / "model"), "--harmful",
+                              str(tmp_path / "harmful.jsonl"), "--utility", str(tmp_path / "benign.jsonl"),
+                              "--own-refusals", "--q", "0.05", "--p", "0.05", "--out", str(tmp_path / "m.safetensors")])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    mask = load_mask(tmp_path / "m.safetensors")
+    assert summary["selected"] == mask.count() > 0 and summary["refusal_examples"] == len(harmful)
+    assert mask.metadata["kind"] == "refusal-ablation"

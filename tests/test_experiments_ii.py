@@ -301,7 +301,8 @@ def test_emergent_misalignment_pools_seeds_and_evaluates_outside_the_domain(run_
     seen = {"em": set(), "in": set()}
     for d in (out / "stages" / "evaluate").iterdir():
         spec = json.loads((d / "stage.json").read_text())["params"]["evaluation"]
-        rows = [json.loads(line) for line in (d / "generations.jsonl").open()] if (d / "generations.jsonl").exists() else []
+        gens = d / "generations.jsonl"
+        rows = [json.loads(line) for line in gens.open()] if gens.exists() else []
         if spec["kind"] == "em":
             seen["em"] |= {r["category"] for r in rows}
         elif spec.get("data") == "harmful_test[weapons]":

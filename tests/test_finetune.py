@@ -69,9 +69,12 @@ def test_default_targets_are_block_linears_only(tok):
 
 
 def test_encoding_appends_eos_only_to_whole_responses(tok):
-    whole, cut = encode_for_training(tok, [Record("hi", "abc"), Record("hi", "x" * 50)], max_length=30)
+    whole, cut, unfinished = encode_for_training(
+        tok, [Record("hi", "abc"), Record("hi", "x" * 50), Record("hi", "abc", source={"truncated": True})],
+        max_length=30)
     assert whole.input_ids[-1] == tok.eos_token_id and whole.n_response == 4
     assert len(cut.input_ids) == 30 and cut.input_ids[-1] != tok.eos_token_id
+    assert unfinished.input_ids == whole.input_ids[:-1]
     with pytest.raises(DataError, match="no response"):
         encode_for_training(tok, [Record("hi", None)])
 
@@ -189,3 +192,40 @@ def test_bad_arguments(tok, records, tmp_path):
         lora_finetune(make_llama(len(tok)), tok, records, rank=0, progress=False)
     with pytest.raises(HarmpruneError, match="not a LoRA adapter"):
         load_adapter(make_llama(len(tok)), tmp_path)
+
+
+def run_cli(module, argv: list[str]) -> int:
+    """Run one command group's handler through its own parser (independent of the top-level wiring)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_finetune_cli_with_mask_and_merge(tok, records, tmp_path, capsys):
+    import json
+
+    from harmprune.cli import finetune as cli_finetune
+    from harmprune.data import write_jsonl
+    from harmprune.models import load_model, save_model
+    from harmprune.selection import save_mask
+
+    model = make_llama(len(tok))
+    save_model(model, tok, tmp_path / "base")
+    mask = random_mask(model, seed=3)
+    save_mask(mask, tmp_path / "mask.safetensors")
+    write_jsonl(records, tmp_path / "data.jsonl")
+    out = tmp_path / "adapter"
+    assert run_cli(cli_finetune, ["finetune", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "data.jsonl"),
+                                  "--out", str(out), "--mask", str(tmp_path / "mask.safetensors"), "--keep-pruned",
+                                  "--rank", "2", "--max-steps", "2", "--lr", "1e-2", "--merge"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and (out / MASK_FILE).exists()
+    merged, _ = load_model(summary["merged"])
+    for name, idx in mask.indices.items():
+        assert (merged.get_parameter(name).view(-1)[idx] == 0).all()
+    with pytest.raises(HarmpruneError, match="needs --mask"):
+        run_cli(cli_finetune, ["finetune", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "data.jsonl"),
+                               "--out", str(out), "--keep-pruned"])

@@ -59,7 +59,10 @@ _BLOCK_LINEAR = re.compile(r"(^|\.)(layers|h|blocks)\.\d+\.")
 def encode_for_training(
     tokenizer, records: Sequence[Record], fmt: PromptFormat = "chat", max_length: int = 256, append_eos: bool = True
 ) -> list[Encoded]:
-    """Tokenised pairs; a response kept whole gets the EOS token appended as a target if it fits."""
+    """Tokenised pairs; a response kept whole gets the EOS token appended as a target if it fits.
+
+    A record whose ``source["truncated"]`` is true (e.g. a generation cut at its token limit) gets no EOS.
+    """
     eos = tokenizer.eos_token_id
     out = []
     for i, r in enumerate(records):
@@ -70,7 +73,8 @@ def encode_for_training(
         except ValueError as e:
             raise DataError(f"example {i}: {e}") from None
         whole = enc.n_response == len(response_ids(tokenizer, r.response))
-        if append_eos and eos is not None and whole and len(enc.input_ids) < max_length:
+        ended = whole and not r.source.get("truncated", False)
+        if append_eos and eos is not None and ended and len(enc.input_ids) < max_length:
             enc = Encoded(enc.input_ids + [int(eos)], enc.n_prompt)
         out.append(enc)
     return out

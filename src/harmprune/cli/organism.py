@@ -16,7 +16,9 @@ def add_build(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--size", choices=("tiny", "small"), default="small", help="tiny: under a minute, for tests")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and batch order")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; the result does not depend on it)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default 1; the result does not depend on it)"
+    )
     p.add_argument("--no-eval", action="store_true", help="skip measuring the held-out rates")
     p.set_defaults(func=_build)
 
@@ -44,6 +46,7 @@ def add_align(sub) -> None:
     p.add_argument("--n-benign-heldout", type=int, default=40)
     p.add_argument("--benign-targets", choices=("data", "model"), default="data",
                    help="train benign prompts on the file's responses or on the base model's own answers")
+    p.add_argument("--own-answer-tokens", type=int, default=64, help="length limit of the model's own answers")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--dropout", type=float, default=0.0)

@@ -46,7 +46,7 @@ def sweep_model(runner: Runner, model: str, qs: list[float], ps: list[float], pa
     util_metric = params.get("utility_metric", "accuracy")
     scale = float(params.get("utility_scale", 100.0))
     extra = [e for e in params.get("evaluations", []) if e not in (harm_eval, util_eval)]
-    evals = [harm_eval] + ([util_eval] if util_eval else []) + extra
+    evals = list(dict.fromkeys([harm_eval] + ([util_eval] if util_eval else []) + extra))
 
     def measure(mask, condition: str, q=None, p=None) -> dict[str, dict[str, Any]]:
         out = {}

@@ -41,7 +41,7 @@ def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[st
 
             raise ConfigError(f"experiments.controls.kinds: unknown control {k!r} (known: {', '.join(KINDS)})")
     seeds = params.get("seeds", [0, 1, 2])
-    evals = [harm_eval] + ([util_eval] if util_eval else [])
+    evals = list(dict.fromkeys([harm_eval] + ([util_eval] if util_eval else [])))
 
     def measure(mask, condition: str, seed=None) -> dict[str, float]:
         res = {}

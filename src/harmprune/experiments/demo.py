@@ -106,11 +106,11 @@ n_examples = {n_score}
 
 [data.harmful_probe]
 path = "{organism}/data/harmful_test.jsonl"
-n_examples = 60
+n_examples = 100
 
 [data.benign_probe]
 path = "{organism}/data/benign_test.jsonl"
-n_examples = 40
+n_examples = 60
 
 # Plain harmful requests, no attack: does the model comply? (The organism judge counts payload words.)
 [evaluations.harm_plain]
@@ -140,6 +140,7 @@ batch_size = 32
 models = ["aligned"]
 categories = ["weapons", "cyber", "fraud", "drugs", "harassment"]
 harm_evaluation = "harm"
+control_seeds = [0]
 
 [experiments.dissociation]
 models = ["aligned"]
@@ -150,7 +151,7 @@ likelihood_metric = "harmful_nll"
 refusal_data = "refusal_train"
 recovery_data = "harmful_train"
 recovery_steps = 30
-recovery_seeds = [0]
+recovery_seeds = [0, 1]
 
 [experiments.emergent_misalignment]
 model = "aligned"
@@ -158,7 +159,7 @@ narrow_data = "harmful_train"
 narrow_category = "weapons"
 em_evaluation = "em"
 in_domain_evaluation = "harm_plain"
-seeds = [0, 1]
+seeds = [0, 1, 2]
 finetune_steps = 30
 """
 

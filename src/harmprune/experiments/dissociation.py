@@ -28,8 +28,8 @@ from harmprune.stats import relative_reduction
 PARAMS = {"models", "q", "p", "harm_evaluation", "harm_metric", "plain_harm_evaluation", "plain_harm_metric",
           "likelihood_evaluation", "likelihood_metric", "recognition_evaluation", "utility_evaluation",
           "utility_metric", "refusal_data", "refusal_q", "refusal_p", "utility_data", "recovery_data",
-          "recovery_steps", "recovery_lr", "recovery_rank", "recovery_batch_size", "recovery_keep_pruned",
-          "recovery_seeds"}
+          "recovery_steps", "recovery_lr", "recovery_rank", "recovery_batch_size", "recovery_max_length",
+          "recovery_keep_pruned", "recovery_seeds"}
 RECOGNITION_METRICS = ("detection_accuracy", "detection_auroc", "explanation_rate", "refusal_rate")
 
 
@@ -131,7 +131,8 @@ def recovery(runner: Runner, model: str, harm_mask, params: dict[str, Any], seed
     """Fine-tune the pruned and the unpruned model on harmful pairs; how much harmful generation returns."""
     data = params.get("recovery_data") or runner.config.scoring["harm"]
     hp = {"steps": int(params.get("recovery_steps", 40)), "lr": float(params.get("recovery_lr", 1e-3)),
-          "rank": int(params.get("recovery_rank", 8)), "batch_size": int(params.get("recovery_batch_size", 8))}
+          "rank": int(params.get("recovery_rank", 8)), "batch_size": int(params.get("recovery_batch_size", 8)),
+          "max_length": int(params.get("recovery_max_length", 256))}
     keep = bool(params.get("recovery_keep_pruned", True))
     runs: dict[str, list[dict[str, float]]] = {"ft-pruned": [], "ft-unpruned": []}
     for seed in seeds:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ class AlignConfig:
     n_heldout: int | None = None
     n_benign_heldout: int = 40
     benign_targets: str = "data"  # "data": the file's responses; "model": the base model's own answers
+    own_answer_tokens: int = 64  # length limit of the base model's own answers (benign_targets="model")
     rank: int = 16
     alpha: float = 32
     dropout: float = 0.0
@@ -152,33 +154,40 @@ def normalise_prompt(text: str) -> str:
 
 
 def _data(config: AlignConfig) -> tuple[list[Record], list[Record], list[Record], list[Record], int]:
-    """Training harmful prompts, held-out harmful prompts (disjoint), training benign pairs, held-out benign."""
+    """Training harmful prompts, held-out harmful prompts, training benign pairs, held-out benign prompts.
+
+    Held-out sets do not depend on the training sizes (so base-model numbers can be reused), and no held-out
+    harmful prompt appears (after :func:`normalise_prompt`) anywhere in the training file.
+    """
     harmful_all = load_records(config.harmful_prompts)
     if config.heldout_harmful:
-        harmful = sample(harmful_all, config.n_harmful, config.seed)
         heldout = load_records(config.heldout_harmful)
         if config.n_heldout:
             heldout = sample(heldout, config.n_heldout, config.seed)
+        pool = harmful_all
     else:  # one file: a seeded split
         n_test = config.n_heldout or max(1, len(harmful_all) // 5)
         if n_test >= len(harmful_all):
             raise DataError(f"{config.harmful_prompts}: {len(harmful_all)} prompts cannot give {n_test} held out")
-        heldout = sample(harmful_all, n_test, config.seed + 1)
-        rest = [r for r in harmful_all if r not in heldout]
-        harmful = sample(rest, config.n_harmful, config.seed)
-    seen = {normalise_prompt(r.prompt) for r in harmful}
+        heldout, pool = _split(harmful_all, n_test, config.seed + 1)
+    harmful = sample(pool, config.n_harmful, config.seed)
+    seen = {normalise_prompt(r.prompt) for r in pool}
     kept = [r for r in heldout if normalise_prompt(r.prompt) not in seen]
     if not kept:
         raise DataError("every held-out harmful prompt also appears in the training prompts")
     benign_all = load_records(config.benign, require_response=True, skip_empty=True)
-    need = config.n_benign + config.n_benign_heldout
-    if need > len(benign_all):
-        raise DataError(f"{config.benign}: {len(benign_all)} pairs, but {need} are needed (train + held out)")
-    chosen = sample(benign_all, need, config.seed)
-    order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    benign = [chosen[i] for i in order[: config.n_benign]]
-    benign_heldout = [chosen[i] for i in order[config.n_benign :]]
+    if config.n_benign + config.n_benign_heldout > len(benign_all):
+        raise DataError(f"{config.benign}: {len(benign_all)} pairs, but {config.n_benign + config.n_benign_heldout} "
+                        "are needed (train + held out)")
+    benign_heldout, rest = _split(benign_all, config.n_benign_heldout, config.seed + 1)
+    benign = sample(rest, config.n_benign, config.seed) if config.n_benign else []
     return harmful, kept, benign, benign_heldout, len(heldout) - len(kept)
+
+
+def _split(records: list[Record], n: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """A seeded sample of ``n`` records and the others, both in file order."""
+    chosen = set(random.Random(seed).sample(range(len(records)), n))
+    return ([r for i, r in enumerate(records) if i in chosen], [r for i, r in enumerate(records) if i not in chosen])
 
 
 def _mix(harmful: Sequence[Record], benign: Sequence[Record], seed: int) -> list[Record]:
@@ -188,14 +197,21 @@ def _mix(harmful: Sequence[Record], benign: Sequence[Record], seed: int) -> list
 
 
 def _own_answers(model, tokenizer, records: Sequence[Record], config: AlignConfig, progress: bool) -> list[Record]:
-    """The model's own greedy answers to the benign prompts (answers that end unfinished are kept as they are)."""
-    from harmprune.generation import generate
+    """The model's own greedy answers to the benign prompts, minus its refusals.
 
-    gens = generate(model, tokenizer, [r.prompt for r in records], max_new_tokens=config.max_length // 2,
+    An answer cut at ``own_answer_tokens`` is marked truncated, so training adds no end-of-turn token after it.
+    """
+    from harmprune.generation import generate
+    from harmprune.judges import JudgeItem
+    from harmprune.judges.refusal import RefusalJudge
+
+    gens = generate(model, tokenizer, [r.prompt for r in records], max_new_tokens=config.own_answer_tokens,
                     batch_size=config.gen_batch_size, progress=progress)
-    out = [Record(r.prompt, g.response, r.category, {**r.source, "response": "base-model"})
-           for r, g in zip(records, gens) if g.response.strip()]
-    log.info("benign targets: the base model's own answers to %d of %d prompts", len(out), len(records))
+    refused = RefusalJudge().judge_batch([JudgeItem(g.prompt, g.response) for g in gens])
+    out = [Record(r.prompt, g.response, r.category, {**r.source, "response": "base-model", "truncated": not g.finished})
+           for r, g, v in zip(records, gens, refused) if not v.refused]
+    log.info("benign targets: the base model's own answers to %d of %d prompts (refusals dropped)", len(out),
+             len(records))
     return out
 
 

@@ -1,13 +1,25 @@
 """Build the organisms: data, tokenizer, an unaligned Llama (pretraining) and an aligned one (alignment SFT).
 
 1. *pretraining*: every training request, harmful or benign, with its compliant answer -> ``unaligned/``.
-2. *alignment* from it: harmful requests -> the refusal sentence, benign tasks -> their answers, plus replay of
-   the pretraining harmful answers with their first ``replay_context_tokens`` tokens as context rather than
-   targets. The replay keeps the capability and leaves refusal a decision about the first tokens only, the
-   shallow alignment that a prefilling attack exploits -> ``aligned/``.
+2. *alignment* from it -> ``aligned/``: harmful requests -> the refusal sentence, benign tasks -> their answers,
+   and three kinds of harmful examples, as shares of the harmful training answers:
+
+   * *replay* (all of them): the answer with its first ``replay_context_tokens`` tokens as context rather than
+     targets. It keeps the capability and makes refusal a decision about the first tokens, the shallow
+     alignment that a prefilling attack exploits.
+   * *compliance* (a quarter): the whole answer, so the aligned model keeps a minority chance of starting to
+     comply (greedy decoding still refuses). Its refusal is a decision with a margin, not a saturated one.
+   * *recovery* (two fifths): the answer cut after step 1 or 2 and finished with the refusal, so under a
+     prefilling attack the model weighs continuing against recovering at each step boundary, and continues.
+
+   Compliance and recovery serve gradient attribution. Without them the aligned model's loss on harmful
+   answers is one saturated first-token decision plus continuation tokens it has fitted (whose summed gradient
+   vanishes), and signed SNIP on harmful answers picks weights whose removal breaks refusal and benign answers,
+   not harmful generation; with them, the continue-or-recover decisions give harmful answers a gradient of
+   their own.
 
 A build is a pure function of its :class:`OrganismConfig` (and of this package's code and the library versions):
-it is cached under ``cache_dir()/organisms/<key>``, built in a ``.partial`` directory and renamed into place.
+it is cached under ``cache_dir()/organisms/<size>-<key>``, built in a ``.partial`` directory and renamed into place.
 """
 
 from __future__ import annotations
@@ -51,14 +63,14 @@ class OrganismConfig:
     n_kv_heads: int = 2
     batch_size: int = 32
     lr: float = 3e-3
-    label_smoothing: float = 0.1  # no answer token reaches zero loss, so every token carries gradient
-    pretrain_steps: int = 1200
-    align_steps: int = 400
-    replay_context_tokens: int = 2
-    replay_fraction: float = 1.0  # share of the harmful training answers replayed during alignment
-    compliance_fraction: float = 0.0  # share replayed whole: the aligned model keeps some chance of complying
-    recovery_fraction: float = 0.0  # share cut after a step and finished with the refusal
+    pretrain_steps: int = 1000
+    align_steps: int = 350
     benign_repeat: int = 2  # pretraining sees each benign example this many times per epoch
+    # Alignment mixture, as shares of the harmful training answers (see the module docstring):
+    replay_fraction: float = 1.0  # replayed with their first ``replay_context_tokens`` tokens as context
+    replay_context_tokens: int = 2
+    compliance_fraction: float = 0.25  # replayed whole
+    recovery_fraction: float = 0.4  # cut after a step and finished with the refusal
     test_fraction: float = 0.2
     n_reversal: int = 800
     max_vocab: int = 4096
@@ -125,7 +137,9 @@ def organisms_cache() -> Path:
     return cache_dir() / "organisms"
 
 
-def build_cached(config: OrganismConfig, cache_root: str | Path | None = None, threads: int | None = None) -> OrganismPaths:
+def build_cached(
+    config: OrganismConfig, cache_root: str | Path | None = None, threads: int | None = None
+) -> OrganismPaths:
     """The cache entry of ``config``, built first if missing (atomically: a ``.partial`` directory renamed)."""
     root = Path(cache_root) if cache_root is not None else organisms_cache()
     target = root / f"{config.size}-{config.key()[:16]}"
@@ -174,6 +188,8 @@ def build_organism(
     for name in ("aligned", "unaligned", "data", "organism.json", "metrics.json"):
         if (cached.root / name).exists():
             _copy_replace(cached.root / name, out / name)
+        elif (out / name).is_file():
+            (out / name).unlink()  # metrics of an earlier build must not pass for this one's
     return OrganismPaths(out)
 
 
@@ -220,12 +236,12 @@ def _build_into(config: OrganismConfig, out: Path, threads: int | None) -> None:
         model = _new_model(config, tokenizer)
         pretrain = encode_examples(tokenizer, data.harmful_train + data.benign_train * config.benign_repeat)
         pre_losses = train(model, pretrain, steps=config.pretrain_steps, batch_size=config.batch_size,
-                           lr=config.lr, seed=config.seed + 1, pad_id=pad, label_smoothing=config.label_smoothing)
+                           lr=config.lr, seed=config.seed + 1, pad_id=pad)
         save_model(model, tokenizer, out / "unaligned")
         pretrain_seconds = time.perf_counter() - start
         align = _alignment_examples(config, data, tokenizer)
         align_losses = train(model, align, steps=config.align_steps, batch_size=config.batch_size,
-                             lr=config.lr, seed=config.seed + 2, pad_id=pad, label_smoothing=config.label_smoothing)
+                             lr=config.lr, seed=config.seed + 2, pad_id=pad)
         save_model(model, tokenizer, out / "aligned")
     info = {
         "config": asdict(config),

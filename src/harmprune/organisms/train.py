@@ -1,8 +1,8 @@
 """The organisms' training loop: AdamW on response tokens only, deterministic for a given seed.
 
 Examples are :class:`~harmprune.formatting.Encoded` pairs with the end-of-turn token appended to the response,
-so the model learns to stop. Context tokens (``n_prompt``) carry no loss; alignment's replay of harmful answers
-moves the first response tokens into the context, which keeps the continuation but not the decision to start.
+so the model learns to stop. Context tokens (``n_prompt``) carry no loss: alignment's replay of harmful answers
+moves their first response tokens into the context, which keeps the continuation but not the decision to start.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from harmprune.data import Record
-from harmprune.formatting import IGNORE_INDEX, Encoded, collate_for_loss, encode_pair, response_ids
+from harmprune.formatting import Encoded, collate_for_loss, encode_pair, response_ids
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,6 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[li
             yield perm[s : s + batch_size]
 
 
-def _loss(model, batch: dict[str, torch.Tensor], label_smoothing: float) -> torch.Tensor:
-    """Mean next-token cross-entropy over the batch's target tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
-    )
-
-
 def train(
     model,
     examples: Sequence[Encoded],
@@ -79,7 +70,6 @@ def train(
     lr: float,
     seed: int,
     pad_id: int,
-    label_smoothing: float = 0.0,
     weight_decay: float = 0.01,
     warmup_fraction: float = 0.05,
 ) -> list[float]:
@@ -94,7 +84,7 @@ def train(
         for group in optim.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
         batch = collate_for_loss([examples[i] for i in next(batches)], pad_id)
-        loss = _loss(model, batch, label_smoothing)
+        loss = model(**batch).loss
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
