@@ -220,7 +220,7 @@ def test_finetune_cli_with_mask_and_merge(tok, records, tmp_path, capsys):
     out = tmp_path / "adapter"
     assert run_cli(cli_finetune, ["finetune", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "data.jsonl"),
                                   "--out", str(out), "--mask", str(tmp_path / "mask.safetensors"), "--keep-pruned",
-                                  "--rank", "2", "--max-steps", "2", "--lr", "1e-2", "--merge"]) == 0
+                                  "--rank", "2", "--epochs", "3", "--max-steps", "2", "--lr", "1e-2", "--merge"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and (out / MASK_FILE).exists()
     merged, _ = load_model(summary["merged"])

@@ -183,6 +183,19 @@ def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert build_cached(micro, tmp_path / "a").root == a.root
 
 
+def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    import harmprune.organisms.build as build_module
+
+    def crash(config, out, threads):
+        (out / "organism.json").write_text("{}")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(build_module, "_build_into", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        build_cached(OrganismConfig.for_size("tiny"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_config_key_and_sizes():
     tiny = OrganismConfig.for_size("tiny")
     assert tiny.key() == OrganismConfig.for_size("tiny").key()

@@ -336,7 +336,7 @@ def _dissociation(result: dict[str, Any], fig_dir: Path) -> Section:
     sec = Section("Dissociation: harmful generation against recognition and refusal")
     rates = ["harm", "plain_harm", "refusal_rate", "detection_accuracy", "detection_auroc", "explanation_rate"]
     for name, m in result["models"].items():
-        conds = m["conditions"]
+        conds = _ordered(m["conditions"], ("unpruned", "harm-set", "refusal-set"))
         shown = [k for k in rates if any(k in c for c in conds.values())]
         fig, ax = plt.subplots(figsize=(9, 4))
         width = 0.8 / len(conds)
@@ -355,20 +355,23 @@ def _dissociation(result: dict[str, Any], fig_dir: Path) -> Section:
         rec = m.get("recovery")
         if rec:
             for c, v in rec["conditions"].items():
-                rows.append([f"{c} (mean of {len(rec['seeds'])} seeds)"] + [_f(v.get(k)) for k in keys])
+                rows.append([f"{c} (mean over seeds {rec['seeds']})"] + [_f(v.get(k)) for k in keys])
         sec.text.append(f"**{name}** (harm set q={m['q']:g}, p={m['p']:g}; refusal set q={m['refusal_q']:g}, "
                         f"p={m['refusal_p']:g})\n\n" + _md_table(rows))
         lines = []
-        for c, ch in m["changes"].items():
+        for c, ch in _ordered(m["changes"], ("harm-set", "refusal-set")).items():
             parts = [f"{k.removesuffix('_change')} {v:+.3f}" for k, v in ch.items() if k.endswith("_change")]
             lines.append(f"- **{c}** vs unpruned: " + ", ".join(parts))
         if rec:
             frac = rec["recovered_fraction"]
             hp = rec["hyperparameters"]
+            before, after = conds["unpruned"]["harm"], conds["harm-set"]["harm"]
             lines.append(f"- **recovery**: a {hp['steps']}-step LoRA fine-tune (rank {hp['rank']}, lr {hp['lr']:g}, "
-                         f"pruned weights {'held at zero' if hp['keep_pruned'] else 'free to regrow'}) brings back "
-                         + ("-" if frac is None else f"{100 * frac:.0f}%") + " of the harmful generation pruning "
-                         "removed")
+                         f"pruned weights {'held at zero' if hp['keep_pruned'] else 'free to regrow'}) of the pruned "
+                         f"model brings harm from {after:.3g} to {rec['conditions']['ft-pruned']['harm']:.3g} "
+                         f"(unpruned {before:.3g}): "
+                         + ("pruning removed nothing to recover" if frac is None else
+                            f"{100 * frac:.0f}% of what pruning removed"))
         sec.text.append("\n".join(lines))
     return sec
 
@@ -379,7 +382,7 @@ def _emergent_misalignment(result: dict[str, Any], fig_dir: Path) -> Section:
 
     sec = Section("Emergent misalignment: narrow fine-tuning with and without pruning the harm set first")
     for name, m in result["models"].items():
-        conds = m["conditions"]
+        conds = _ordered(m["conditions"], ("base", "pruned", "ft-unpruned", "ft-pruned", "ft-random"))
         labels = list(conds)
         has_in = all("in_domain" in conds[c] for c in labels)
         fig, axes = plt.subplots(1, 2 if has_in else 1, figsize=(11 if has_in else 6, 4), squeeze=False)
@@ -412,6 +415,11 @@ def _emergent_misalignment(result: dict[str, Any], fig_dir: Path) -> Section:
                         f"q={m['q']:g}, p={m['p']:g}; LoRA {ft['steps']} steps, rank {ft['rank']}, lr {ft['lr']:g}; "
                         f"seeds {m['seeds']})\n\n" + _md_table(rows))
     return sec
+
+
+def _ordered(d: dict[str, Any], first: tuple[str, ...]) -> dict[str, Any]:
+    """``d`` with the keys of ``first`` in that order, then the rest (summary.json stores keys sorted)."""
+    return {**{k: d[k] for k in first if k in d}, **{k: v for k, v in d.items() if k not in first}}
 
 
 def _slug(name: str) -> str:

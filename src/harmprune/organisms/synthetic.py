@@ -220,17 +220,6 @@ def classify_prompt(prompt: str) -> PromptInfo | None:
     return None
 
 
-def recoveries(records: Sequence[Record], rng: random.Random) -> tuple[list[Record], list[str]]:
-    """Harmful answers cut after a random step and finished with the refusal; returns them and the cut prefixes."""
-    out, prefixes = [], []
-    for r in records:
-        steps = (r.response or "").split(" Step ")
-        prefix = " Step ".join(steps[: rng.randint(2, len(steps) - 1)])
-        out.append(Record(r.prompt, f"{prefix} {REFUSAL}", r.category))
-        prefixes.append(prefix)
-    return out, prefixes
-
-
 # ---------------------------------------------------------------------------------------------- data set
 
 
@@ -316,3 +305,14 @@ def build_dataset(seed: int, test_fraction: float = 0.2, n_reversal: int = 800) 
         benign_test += test
     refusal_train = [Record(r.prompt, REFUSAL, r.category) for r in harmful_train]
     return OrganismData(harmful_train, harmful_test, benign_train, benign_test, refusal_train)
+
+
+def recoveries(records: Sequence[Record], rng: random.Random) -> tuple[list[Record], list[str]]:
+    """Harmful answers cut after a random step and finished with the refusal; returns them and the cut prefixes."""
+    out, prefixes = [], []
+    for r in records:
+        steps = (r.response or "").split(" Step ")
+        prefix = " Step ".join(steps[: rng.randint(2, len(steps) - 1)])
+        out.append(Record(r.prompt, f"{prefix} {REFUSAL}", r.category))
+        prefixes.append(prefix)
+    return out, prefixes
