@@ -14,6 +14,7 @@ from harmprune.finetune import (
     merge, planned_steps, response_nll, save_adapter,
 )
 from harmprune.formatting import collate_for_loss, encode_pair, pad_id_of, per_example_response_nll
+from harmprune.generation import generate
 from harmprune.pruning import apply_mask
 from harmprune.selection import Mask
 from tiny import make_llama, make_tokenizer
@@ -162,7 +163,9 @@ def test_keep_pruned_holds_pruned_weights_at_zero(tok, records, tmp_path):
     assert (tmp_path / "adapter" / MASK_FILE).exists()
     with torch.no_grad():
         logits = peft_model(input_ids=ids).logits
+    texts = [g.response for g in generate(peft_model, tok, WORDS[:3], max_new_tokens=6, progress=False)]
     merged = merge(peft_model)
+    assert [g.response for g in generate(merged, tok, WORDS[:3], max_new_tokens=6, progress=False)] == texts
     for name, idx in mask.indices.items():
         assert (merged.get_parameter(name).view(-1)[idx] == 0).all()
     with torch.no_grad():

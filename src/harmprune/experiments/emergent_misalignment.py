@@ -70,8 +70,8 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
         out = {k: em[k] for k in ("misaligned_rate", "misaligned_n", "n", "mean_aligned", "mean_coherent")}
         if in_eval:
             inside = runner.evaluate(model_name, in_eval, mask)
-            runner.store.record_metrics("emergent_misalignment", model, condition, f"{params['in_domain_evaluation']}"
-                                        f":in-domain", inside, q=q, p=p, seed=seed)
+            runner.store.record_metrics("emergent_misalignment", model, condition,
+                                        f"{params['in_domain_evaluation']}:in-domain", inside, q=q, p=p, seed=seed)
             out["in_domain"] = float(inside[in_metric])
         return out
 
@@ -84,8 +84,8 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
         runs["ft-unpruned"].append(measure(plain, None, "ft-unpruned", seed))
         source = params.get("prune_data") or narrow
         if params.get("self_generated"):
-            source = runner.generated_data(plain, source, max_new_tokens=int(params.get("generation_max_new_tokens",
-                                                                                         128)))
+            max_new = int(params.get("generation_max_new_tokens", 128))
+            source = runner.generated_data(plain, source, max_new_tokens=max_new)
         mask = runner.mask(model, q, p, harm_data=source, utility_data=utility)
         if mask not in masks.values():
             masks[seed] = mask

@@ -349,10 +349,6 @@ class Runner:
             self.register_model(name, d / "model", like=model_name)
         return name
 
-    def finetune_info(self, model_name: str) -> dict[str, Any]:
-        """The training record (hyper-parameters, losses) of a model made by :meth:`finetuned`."""
-        return json.loads((Path(self.model_path(model_name)).parent / "finetune.json").read_text())
-
 
 def hash_model_source(source: str) -> str:
     """sha256 over a model directory's files (or a file, or a hub id string), memoised by size and mtime."""
