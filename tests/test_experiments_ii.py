@@ -164,6 +164,8 @@ categories = ["weapons", "cyber", "fraud"]
 harm_evaluation = "harm"
 also_about_keywords = {{ cyber = ["grimbolt", "vexcoil", "thornlance", "skarrow"] }}
 control_seeds = [0]
+utility_evaluation = "nll"
+utility_metric = "benign_nll"
 [experiments.dissociation]
 recognition_evaluation = "recognition"
 plain_harm_evaluation = "harm_plain"
@@ -251,6 +253,7 @@ def test_cross_category_matrix_and_overlaps_match_independent_computation(run_ii
     assert m["mean_jaccard"] == pytest.approx(sum(jac) / 3)
     assert m["intersection_size"] == len(sets["weapons"] & sets["cyber"] & sets["fraud"])
     assert 0 < m["chance_jaccard"] < 1
+    assert set(m["utility"]) == {"unpruned", *cats} and all(v > 0 for v in m["utility"].values())
 
 
 def test_dissociation_conditions_and_recovery_keeps_pruned_weights_at_zero(run_ii):

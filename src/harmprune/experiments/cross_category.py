@@ -27,7 +27,7 @@ from harmprune.stats import relative_reduction
 
 PARAMS = {"models", "categories", "harm_data", "utility_data", "eval_data", "harm_evaluation", "harm_metric", "q",
           "p", "also_about_field", "also_about_keywords", "control_seeds", "evaluate_intersection", "response_model",
-          "response_prefix", "response_max_new_tokens"}
+          "response_prefix", "response_max_new_tokens", "utility_evaluation", "utility_metric"}
 SHARED_RATIO, SPECIFIC_RATIO = 0.75, 0.25
 
 
@@ -92,11 +92,26 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
         result["random_control"] = random_transfer(runner, model, masks, harm, base, params["control_seeds"])
         result["random_control_mean_harm_reduction"] = _mean(
             [v for row in result["random_control"].values() for v in row.values()])
+    if params.get("utility_evaluation"):
+        result["utility"] = utility_of(runner, model, params, {"unpruned": None, **masks}, q, p)
     result["reading"] = reading(result)
     summary = {k: result[k] for k in ("mean_diag_harm_reduction", "mean_offdiag_harm_reduction", "mean_jaccard",
                                       "chance_jaccard")}
     runner.store.record_metrics("cross_category", model, "summary", "summary", summary, q=q, p=p)
     return result
+
+
+def utility_of(runner: Runner, model: str, params: dict[str, Any], masks: dict[str, Any], q: float,
+               p: float) -> dict[str, float]:
+    """The utility metric unpruned and with each category's set pruned: is a transfer only general damage?"""
+    evaluation, metric = params["utility_evaluation"], params.get("utility_metric", "accuracy")
+    out = {}
+    for name, mask in masks.items():
+        metrics = runner.evaluate(model, evaluation, mask)
+        runner.store.record_metrics("cross_category", model, "unpruned" if mask is None else f"pruned:{name}",
+                                    evaluation, metrics, q=q, p=p)
+        out[name] = float(metrics[metric])
+    return out
 
 
 def _answered(runner: Runner, params: dict[str, Any], data: str) -> str:

@@ -72,7 +72,7 @@ batch_size = 32
 [evaluations.benign]
 kind = "accuracy"
 data = "benign_test"
-max_new_tokens = 24
+max_new_tokens = 40
 batch_size = 32
 
 [evaluations.harmful_nll]
@@ -124,7 +124,7 @@ batch_size = 32
 kind = "recognition"
 harmful = "harmful_probe"
 benign = "benign_probe"
-max_new_tokens = 24
+max_new_tokens = 40
 batch_size = 32
 
 # Broad misalignment outside the fine-tuned category: other categories' requests and benign questions, sampled.
