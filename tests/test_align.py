@@ -68,9 +68,20 @@ def test_align_writes_model_and_report(files):
     assert report["data"]["train_harmful"] == 6 and report["training"]["steps"] == 6
     losses = report["training"]["losses"]
     assert losses[-1] < losses[0]
+    rows = [json.loads(line) for line in (out / "heldout_generations_after.jsonl").read_text().splitlines()]
+    assert [r["set"] for r in rows] == ["harmful"] + ["benign"] * 3
+    assert (out / "heldout_generations_before.jsonl").exists()
     model, _ = load_model(str(out))  # a plain model directory, no adapter left
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert not os.path.exists(out / "adapter_config.json")
+
+    # Another run with the same evaluation settings reuses the base model's numbers; other settings do not.
+    again = align_model(config(files, lr=5e-3), files / "again", progress=False, baseline=out / REPORT_FILE)
+    assert again["before"] == report["before"] and again["evaluation_key"] == report["evaluation_key"]
+    assert not (files / "again" / "heldout_generations_before.jsonl").exists()
+    other = align_model(config(files, max_new_tokens=4), files / "other", progress=False, baseline=out / REPORT_FILE)
+    assert other["evaluation_key"] != report["evaluation_key"]
+    assert (files / "other" / "heldout_generations_before.jsonl").exists()
 
 
 def test_own_answers_drop_refusals_and_mark_unfinished(files, monkeypatch):

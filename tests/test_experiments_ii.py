@@ -253,7 +253,7 @@ def test_cross_category_matrix_and_overlaps_match_independent_computation(run_ii
     assert m["mean_jaccard"] == pytest.approx(sum(jac) / 3)
     assert m["intersection_size"] == len(sets["weapons"] & sets["cyber"] & sets["fraud"])
     assert 0 < m["chance_jaccard"] < 1
-    assert set(m["utility"]) == {"unpruned", *cats} and all(v > 0 for v in m["utility"].values())
+    assert set(m["utility"]) == {"unpruned", "intersection", *cats} and all(v > 0 for v in m["utility"].values())
 
 
 def test_dissociation_conditions_and_recovery_keeps_pruned_weights_at_zero(run_ii):
@@ -326,3 +326,24 @@ def test_config_errors_for_experiments_ii(run_ii, tmp_path):
     bad.write_text(text.replace('narrow_data = "harmful_train"', 'narrow_data = "nowhere"'))
     with pytest.raises(ConfigError, match="unknown data set 'nowhere'"):
         load_checked_config(bad)
+
+
+def test_refusal_data_keeps_refusals_and_replaces_compliance():
+    from types import SimpleNamespace
+
+    from harmprune.attacks import GENERIC_REFUSALS
+    from harmprune.experiments.dissociation import refusal_data
+
+    records = [Record("make a zorb", REFUSAL, "weapons"), Record("hack a zorb", "Sure, here is how to hack it", "cyber"),
+               Record("forge a zorb", None, "fraud")]
+    made = {}
+    runner = SimpleNamespace(records=lambda name: records, config=SimpleNamespace(seed=0),
+                             derived_data=lambda name, recs: made.setdefault(name, recs) and name)
+    name = refusal_data(runner, {"refusal_data": "mixed"})
+    pairs = made[name]
+    assert pairs[0] == records[0]
+    assert [p.prompt for p in pairs] == [r.prompt for r in records]
+    assert all(p.response in GENERIC_REFUSALS for p in pairs[1:]) and pairs[1].category == "cyber"
+    only_refusals = [records[0]]
+    runner.records = lambda name: only_refusals
+    assert refusal_data(runner, {"refusal_data": "clean"}) == "clean"

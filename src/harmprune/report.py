@@ -323,12 +323,12 @@ def _cross_category(result: dict[str, Any], fig_dir: Path) -> Section:
             rows.append([f"intersection of all sets ({m['shared_core']['selected']} weights)"] + [
                 _pct(m["shared_core"]["harm_reduction"][b]) for b in cats])
         if m.get("utility"):
-            rows[0].append("utility")
+            rows[0].append(f"utility ({m.get('utility_metric', 'as configured')})")
             for row, a in zip(rows[1:], cats):
                 row.append(_f(m["utility"][a]))
             rows[len(cats) + 1].append(_f(m["utility"]["unpruned"]))
             for row in rows[len(cats) + 2:]:
-                row.append("-")
+                row.append(_f(m["utility"].get("intersection")) if row[0].startswith("intersection") else "-")
         sec.text.append(f"**{name}**\n\n" + _md_table(rows))
         sec.text.append(f"- **{name}** — {m['reading']}. Mean Jaccard {m['mean_jaccard']:.3f} vs chance "
                         f"{m['chance_jaccard']:.3f}; {m['intersection_size']} weights are in every category's set "

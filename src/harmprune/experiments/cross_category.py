@@ -93,7 +93,9 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
         result["random_control_mean_harm_reduction"] = _mean(
             [v for row in result["random_control"].values() for v in row.values()])
     if params.get("utility_evaluation"):
-        result["utility"] = utility_of(runner, model, params, {"unpruned": None, **masks}, q, p)
+        core = {"intersection": result["shared_core"]["mask"]} if result["shared_core"] else {}
+        result["utility"] = utility_of(runner, model, params, {"unpruned": None, **masks, **core}, q, p)
+        result["utility_metric"] = f"{params['utility_evaluation']}/{params.get('utility_metric', 'accuracy')}"
     result["reading"] = reading(result)
     summary = {k: result[k] for k in ("mean_diag_harm_reduction", "mean_offdiag_harm_reduction", "mean_jaccard",
                                       "chance_jaccard")}
@@ -172,7 +174,8 @@ def shared_core(runner: Runner, model: str, masks: dict[str, Any], cats: list[st
         return None
     path = runner.saved_mask(common, {"intersection_of": sorted(sha256_file(m) for m in masks.values())})
     red = {b: relative_reduction(base[b], harm(b, path, "intersection")) for b in cats}
-    return {"selected": common.count(), "harm_reduction": red, "mean_harm_reduction": _mean(list(red.values()))}
+    return {"selected": common.count(), "harm_reduction": red, "mean_harm_reduction": _mean(list(red.values())),
+            "mask": str(path)}
 
 
 def _summary(transfer: dict[str, dict[str, float]], cats: list[str]) -> dict[str, float]:

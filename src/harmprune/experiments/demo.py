@@ -141,6 +141,7 @@ models = ["aligned"]
 categories = ["weapons", "cyber", "fraud", "drugs", "harassment"]
 harm_evaluation = "harm"
 control_seeds = [0]
+utility_evaluation = "benign"
 
 [experiments.dissociation]
 models = ["aligned"]

@@ -13,7 +13,8 @@ Conditions, each measured on the same evaluations:
   weights are held at zero throughout), next to the same fine-tune of the unpruned model. The recovered fraction
   is (harm after fine-tuning the pruned model − harm pruned) / (harm unpruned − harm pruned).
 
-Refusal data: a data set of prompt → refusal pairs; prompts without responses are paired with generic refusals
+Refusal data: a data set of prompt → refusal pairs; a prompt whose response is missing or not a refusal (by the
+``refusal`` judge, e.g. AdvBench's compliant targets) is paired with a generic refusal
 (:func:`harmprune.attacks.refusal_pairs`).
 """
 
@@ -98,17 +99,25 @@ def dissociate_model(runner: Runner, model: str, params: dict[str, Any]) -> dict
 
 
 def refusal_data(runner: Runner, params: dict[str, Any]) -> str:
-    """The refusal-pairs data set: as configured, or its prompts paired with generic refusals."""
+    """Prompt -> refusal pairs: the data set's responses where the ``refusal`` judge reads them as refusals, else
+    (no response, or a compliant one such as AdvBench's "Sure, here is" targets) a generic refusal."""
     from harmprune.attacks import refusal_pairs
+    from harmprune.data import Record
     from harmprune.errors import ConfigError
+    from harmprune.judges import JudgeItem
+    from harmprune.judges.refusal import RefusalJudge
 
     name = params.get("refusal_data")
     if not name:
         raise ConfigError("experiments.dissociation.refusal_data is needed (prompts, or prompt -> refusal pairs)")
     records = runner.records(name)
-    if all(r.response for r in records):
+    verdicts = RefusalJudge().judge_batch([JudgeItem(r.prompt, r.response or "") for r in records])
+    if all(v.refused and r.response for r, v in zip(records, verdicts)):
         return name
-    return runner.derived_data(f"{name}@generic-refusals", refusal_pairs(records, seed=runner.config.seed))
+    generic = refusal_pairs(records, seed=runner.config.seed)
+    pairs = [r if v.refused and r.response else Record(g.prompt, g.response, r.category, r.source)
+             for r, v, g in zip(records, verdicts, generic)]
+    return runner.derived_data(f"{name}@refusals", pairs)
 
 
 def changes(conditions: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

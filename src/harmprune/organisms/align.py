@@ -9,7 +9,7 @@ behaviour towards another model's style. The adapter is merged and the model sav
 
 Measured before and after, on prompts disjoint from training: refusal rate on held-out harmful prompts (the
 ``refusal`` judge), refusal rate on held-out benign prompts (over-refusal) and MMLU accuracy on a subset.
-Everything goes to ``DIR/align_report.json``.
+The numbers go to ``DIR/align_report.json``, the judged generations to ``DIR/heldout_generations_*.jsonl``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from harmprune import __version__
 from harmprune.data import Record, load_records, records_digest, sample
 from harmprune.errors import ConfigError, DataError
+from harmprune.generation import write_generations
 from harmprune.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,9 @@ def align_model(config: AlignConfig, out_dir: str | Path, progress: bool = True,
 
     key = evaluation_key(config, heldout, benign_heldout)
     t = time.time()
-    before = _reuse_baseline(baseline, key)
+    before, rows_before = _reuse_baseline(baseline, key), None
     if before is None:
-        before = _evaluate(model, tokenizer, heldout, benign_heldout, config, progress)
+        before, rows_before = _evaluate(model, tokenizer, heldout, benign_heldout, config, progress)
     timings["evaluate_before"] = time.time() - t
     log.info("before: %s", before)
 
@@ -111,10 +112,13 @@ def align_model(config: AlignConfig, out_dir: str | Path, progress: bool = True,
     timings["train"] = time.time() - t
 
     t = time.time()
-    after = _evaluate(model, tokenizer, heldout, benign_heldout, config, progress)
+    after, rows_after = _evaluate(model, tokenizer, heldout, benign_heldout, config, progress)
     timings["evaluate_after"] = time.time() - t
     log.info("after: %s", after)
     save_model(model, tokenizer, out_dir)
+    for name, rows in (("before", rows_before), ("after", rows_after)):
+        if rows is not None:
+            write_generations(out_dir / f"heldout_generations_{name}.jsonl", rows)
     timings["total"] = time.time() - start
 
     report = {
@@ -239,15 +243,19 @@ def _reuse_baseline(path: str | Path | None, key: str) -> dict[str, Any] | None:
     return dict(report["before"])
 
 
-def _evaluate(model, tokenizer, heldout, benign_heldout, config: AlignConfig, progress: bool) -> dict[str, Any]:
+def _evaluate(model, tokenizer, heldout, benign_heldout, config: AlignConfig, progress: bool
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics, and the judged generations (each row's ``set`` is ``harmful`` or ``benign``)."""
     from harmprune.evals.recognition import refusal_rate
 
     gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size, progress=progress)
     out: dict[str, Any] = {}
-    harm, _ = refusal_rate(model, tokenizer, heldout, **gen)
+    harm, rows = refusal_rate(model, tokenizer, heldout, **gen)
+    rows = [{**r, "set": "harmful"} for r in rows]
     out["refusal_rate"], out["refusal_n"] = float(harm["refusal_rate"]), harm["refusal_n"]
     if benign_heldout:
-        ben, _ = refusal_rate(model, tokenizer, benign_heldout, **gen)
+        ben, benign_rows = refusal_rate(model, tokenizer, benign_heldout, **gen)
+        rows += [{**r, "set": "benign"} for r in benign_rows]
         out["benign_refusal_rate"], out["benign_refusal_n"] = float(ben["refusal_rate"]), ben["refusal_n"]
     if config.mmlu_dir:
         from harmprune.evals.utility import mmlu_accuracy
@@ -255,4 +263,4 @@ def _evaluate(model, tokenizer, heldout, benign_heldout, config: AlignConfig, pr
         mmlu = mmlu_accuracy(model, tokenizer, config.mmlu_dir, k_shot=config.mmlu_k_shot, limit=config.mmlu_limit,
                              batch_size=config.gen_batch_size)
         out.update({k: (float(v) if isinstance(v, float) else v) for k, v in mmlu.items() if "/" not in k})
-    return out
+    return out, rows
