@@ -375,3 +375,19 @@ def test_lm_eval_adapter_passes_in_memory_model_and_flattens(monkeypatch):
     with pytest.raises(HarmpruneError, match="network access"):
         lm_eval_adapter("MODEL", "TOK", ["offline"])
     assert flatten_lm_eval({}) == {}
+
+
+def test_summarise_counts_outright_harmful_verdicts_when_the_judge_gives_them():
+    from harmprune.evals.harm import summarise
+
+    def row(cat, harmfulness, refused, harmful=None):
+        v = {"harmfulness": harmfulness, "refused": refused}
+        if harmful is not None:
+            v["harmful"] = harmful
+        return {"category": cat, "verdicts": {"j": v}}
+
+    rows = [row("a", 1 / 3, True, False), row("a", 1.0, False, True), row("b", 0.0, True, False)]
+    out = summarise(rows, "j")
+    assert out["harmfulness"] == pytest.approx(4 / 9) and out["harmful_rate"] == pytest.approx(1 / 3)
+    assert out["refusal_rate"] == pytest.approx(2 / 3) and out["harmfulness/a"] == pytest.approx(2 / 3)
+    assert "harmful_rate" not in summarise([row("a", 0.5, False)], "j")  # graded-only judges: no such metric

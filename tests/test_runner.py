@@ -130,7 +130,7 @@ def test_run_caches_resumes_and_reports(project, tmp_path, monkeypatch):
     monkeypatch.setattr(runner_mod.Runner, "stage", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_config(cfg, tmp_path / "run")
-    assert not list((out / "stages" / "evaluate").glob("*.partial/metrics.json"))
+    assert not list((out / "stages" / "evaluate").glob("*.partial*/metrics.json"))
     monkeypatch.setattr(runner_mod.Runner, "stage", real_stage)
     resumed = json.loads((run_config(cfg, tmp_path / "run") / "summary.json").read_text())
     assert resumed["stages"]["computed"] == 1  # only the stage that was killed

@@ -121,3 +121,25 @@ def test_select_reads_one_tensor_at_a_time(tmp_path, granularity):
     assert hf.max_alive == 0 and uf.max_alive == 0  # each tensor released before the next is read
     in_memory = select(harm, util, 0.2, 0.1, granularity, harm_method="snip", utility_method="snip")
     assert all(torch.equal(mask.indices[n], in_memory.indices[n]) for n in harm)
+
+
+def test_saved_files_are_byte_identical_whatever_the_metadata_order(tmp_path):
+    """safetensors orders its header by hash map; harmprune sorts it, so content hashes agree across processes."""
+    import subprocess
+    import sys
+
+    from harmprune.io import sha256_file
+    from harmprune.tensorfile import TensorFile, save_tensors
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(4, dtype=torch.bfloat16)}
+    meta = {f"key{i}": f"value{i}" for i in range(12)}
+    save_tensors(tensors, tmp_path / "x.safetensors", meta)
+    save_tensors(dict(reversed(tensors.items())), tmp_path / "y.safetensors", dict(reversed(meta.items())))
+    code = ("import torch, sys; from harmprune.tensorfile import save_tensors; "
+            f"save_tensors({{'a.weight': torch.ones(4, dtype=torch.bfloat16), 'b.weight': torch.arange(6.0)"
+            f".reshape(2, 3)}}, sys.argv[1], {meta!r})")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "z.safetensors")], check=True)
+    digests = {sha256_file(tmp_path / f"{n}.safetensors") for n in "xyz"}
+    assert len(digests) == 1
+    f = TensorFile(tmp_path / "z.safetensors")
+    assert torch.equal(f.get("b.weight"), tensors["b.weight"]) and f.metadata["key3"] == "value3"

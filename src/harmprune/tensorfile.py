@@ -8,6 +8,7 @@ order either way, and read tensors one at a time, so nothing needs every score i
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -24,7 +25,22 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        _canonicalise_header(tmp)
     return Path(path)
+
+
+def _canonicalise_header(path: str | Path) -> None:
+    """Rewrite a safetensors header with sorted keys, in place and at the same length.
+
+    safetensors writes its JSON header in hash-map order, which changes from process to process; sorted, equal
+    contents give byte-equal files, so content-hash cache keys agree across processes and machines.
+    """
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        text = json.dumps(json.loads(f.read(size)), sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def index_path(path: str | Path) -> Path:

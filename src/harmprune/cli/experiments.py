@@ -10,7 +10,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the experiments of a TOML config (cached, resumable)")
     p.add_argument("config", help="experiment config (.toml)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
-    p.add_argument("--executor", default="local", choices=["local", "ray"], help="where stages run")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where independent stages (scores, sweep evaluations) run: this process, or Ray tasks")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs each Ray stage task asks for")
+    p.add_argument("--gpus-per-task", type=float, default=None,
+                   help="GPUs each Ray stage task asks for (default: 1 if this machine has a GPU, else 0)")
+    p.add_argument("--task-retries", type=int, default=0, help="Ray retries of a stage task whose worker died")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.set_defaults(func=cmd_run)
 
@@ -41,7 +48,16 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"{args.config}: OK ({len(cfg.models)} models, {len(cfg.data)} data sets, "
               f"{len(cfg.evaluations)} evaluations, experiments: {', '.join(cfg.experiments)})")
         return
-    out = run_config(args.config, args.out, executor=args.executor)
+    options = {}
+    if args.executor == "ray":
+        gpus = args.gpus_per_task
+        if gpus is None:
+            import torch
+
+            gpus = 1.0 if torch.cuda.is_available() else 0.0
+        options = {"address": args.ray_address, "num_cpus": args.cpus_per_task, "num_gpus": gpus,
+                   "max_retries": args.task_retries}
+    out = run_config(args.config, args.out, executor=args.executor, **options)
     print(f"report: {out / 'report.html'}")
 
 

@@ -56,24 +56,30 @@ def load_checked_config(path: str | Path):
                        known_experiments={n: set(e.params) for n, e in experiments().items()})
 
 
-def run_config(path: str | Path, out_dir: str | Path | None = None, executor: str = "local") -> Path:
-    """Run every experiment a config lists; return the run directory (with summary.json and the report)."""
-    from harmprune.errors import HarmpruneError
+def run_config(path: str | Path, out_dir: str | Path | None = None, executor: str = "local",
+               **executor_options: Any) -> Path:
+    """Run every experiment a config lists; return the run directory (with summary.json and the report).
+
+    ``executor`` is where independent stages run (:mod:`harmprune.experiments.executors`: ``local`` or ``ray``,
+    with ``executor_options`` such as ``address``, ``num_cpus``, ``num_gpus``).
+    """
+    from harmprune.experiments.executors import make_executor
     from harmprune.experiments.runner import Runner
     from harmprune.io import atomic_write_json, atomic_write_text
 
-    if executor != "local":
-        raise HarmpruneError(f"executor {executor!r} is not available in this version (use 'local')")
     config = load_checked_config(path)
     out = Path(out_dir) if out_dir else Path("runs") / config.name
-    runner = Runner(config, out)
+    runner = Runner(config, out, executor=make_executor(executor, **executor_options))
     atomic_write_text(out / "config.toml", Path(path).read_text(encoding="utf-8"))
     registry = experiments()
     summary: dict[str, Any] = {"name": config.name, "experiments": {}}
-    for name, params in config.experiments.items():
-        log.info("experiment %s", name)
-        summary["experiments"][name] = registry[name].run(runner, params)
-        atomic_write_json(out / "summary.json", {**summary, **_headline(summary)})
+    try:
+        for name, params in config.experiments.items():
+            log.info("experiment %s", name)
+            summary["experiments"][name] = registry[name].run(runner, params)
+            atomic_write_json(out / "summary.json", {**summary, **_headline(summary)})
+    finally:
+        runner.executor.close()
     summary.update(_headline(summary))
     summary["stages"] = dict(runner.stats)
     atomic_write_json(out / "summary.json", summary)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from harmprune.experiments import register_experiment
+from harmprune.experiments.executors import StageCall
 from harmprune.experiments.runner import Runner
 from harmprune.stats import rank_auroc, relative_reduction
 
@@ -55,13 +56,17 @@ def sweep_model(runner: Runner, model: str, qs: list[float], ps: list[float], pa
             runner.store.record_metrics("compression", model, condition, e, out[e], q=q, p=p)
         return out
 
+    sc = runner.config.scoring
+    runner.prefetch([StageCall.of("scores", model, d) for d in (sc["harm"], sc.get("utility")) if d])
+    masks = {(q, p): runner.mask(model, q, p) for p in ps for q in qs}
+    runner.prefetch([StageCall.of("evaluate", model, e, m) for m in [None, *masks.values()] for e in evals])
     base = measure(None, "unpruned")
     base_harm = float(base[harm_eval][harm_metric])
     base_util = float(base[util_eval][util_metric]) * scale if util_eval else None
     points = []
     for p in ps:
         for q in qs:
-            mask_path = runner.mask(model, q, p)
+            mask_path = masks[(q, p)]
             mask = load_mask(mask_path)
             res = measure(mask_path, "harm-set", q, p)
             harm = float(res[harm_eval][harm_metric])

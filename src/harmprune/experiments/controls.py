@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from harmprune.experiments import register_experiment
+from harmprune.experiments.executors import StageCall
 from harmprune.experiments.runner import Runner
 from harmprune.stats import relative_reduction
 
@@ -54,15 +55,17 @@ def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[st
             out["utility"] = float(res[util_eval][util_metric]) * scale
         return out
 
-    base = measure(None, "unpruned")
     harm_mask = runner.mask(model, q, p)
+    if "benign-task" in kinds and params.get("benign_task_data"):
+        runner.prefetch([StageCall.of("scores", model, params.get("benign_task_data"))])
+    control_masks = {(kind, seed): runner.control(harm_mask, kind, seed, model, params.get("benign_task_data"))
+                     for kind in kinds for seed in ([0] if kind == "benign-task" else seeds)}
+    runner.prefetch([StageCall.of("evaluate", model, e, m)
+                     for m in [None, harm_mask, *control_masks.values()] for e in evals])
+    base = measure(None, "unpruned")
     conditions: dict[str, dict[str, Any]] = {"harm-set": measure(harm_mask, "harm-set")}
     for kind in kinds:
-        kind_seeds = [0] if kind == "benign-task" else seeds
-        runs = []
-        for seed in kind_seeds:
-            mask = runner.control(harm_mask, kind, seed, model, params.get("benign_task_data"))
-            runs.append(measure(mask, kind, seed))
+        runs = [measure(mask, kind, seed) for (k, seed), mask in control_masks.items() if k == kind]
         conditions[kind] = {"harm": _mean([r["harm"] for r in runs]), "harm_per_seed": [r["harm"] for r in runs]}
         if util_eval:
             conditions[kind]["utility"] = _mean([r["utility"] for r in runs])

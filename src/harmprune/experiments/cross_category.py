@@ -22,6 +22,7 @@ from typing import Any
 
 from harmprune.data import Record
 from harmprune.experiments import register_experiment
+from harmprune.experiments.executors import StageCall
 from harmprune.experiments.runner import Runner
 from harmprune.stats import relative_reduction
 
@@ -64,22 +65,19 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
                                     q=q, p=p, seed=seed)
         return value
 
-    base = {b: harm(b, None, "unpruned") for b in cats}
     calib = {a: runner.records_subset(harm_data, a) for a in cats}
-    masks = {a: runner.mask(model, q, p, harm_data=calib[a], utility_data=utility_data) for a in cats}
-    transfer: dict[str, dict[str, float]] = {}
-    n_calib: dict[str, dict[str, int]] = {}
-    for a in cats:
-        transfer[a], n_calib[a] = {}, {}
-        for b in cats:
-            mask, n = masks[a], len(runner.records(calib[a]))
-            if a != b:
-                kept = not_also_about(runner.records(calib[a]), b, params)
-                if len(kept) < n:
-                    name = runner.derived_data(f"{calib[a]}-about:{b}", kept)
-                    mask, n = runner.mask(model, q, p, harm_data=name, utility_data=utility_data), len(kept)
-            transfer[a][b] = relative_reduction(base[b], harm(b, mask, f"pruned:{a}"))
-            n_calib[a][b] = n
+    pair_calib = {(a, b): calibration_data(runner, calib[a], b, params) if a != b else calib[a]
+                  for a in cats for b in cats}
+    runner.prefetch([StageCall.of("scores", model, d) for d in dict.fromkeys([*pair_calib.values(), utility_data])
+                     if d])
+    pair_mask = {ab: runner.mask(model, q, p, harm_data=d, utility_data=utility_data) for ab, d in pair_calib.items()}
+    masks = {a: pair_mask[(a, a)] for a in cats}
+    runner.prefetch([StageCall.of("evaluate", model, evals[b], m) for b in cats
+                     for m in [None, *(pair_mask[(a, b)] for a in cats)]])
+    base = {b: harm(b, None, "unpruned") for b in cats}
+    transfer = {a: {b: relative_reduction(base[b], harm(b, pair_mask[(a, b)], f"pruned:{a}")) for b in cats}
+                for a in cats}
+    n_calib = {a: {b: len(runner.records(pair_calib[(a, b)])) for b in cats} for a in cats}
     loaded = {a: load_mask(masks[a]) for a in cats}
     overlap = overlaps(loaded)
     result: dict[str, Any] = {
@@ -89,7 +87,8 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
         **_summary(transfer, cats)}
     result["shared_core"] = shared_core(runner, model, masks, cats, harm, base, params, result.pop("intersection"))
     if params.get("control_seeds"):
-        result["random_control"] = random_transfer(runner, model, masks, harm, base, params["control_seeds"])
+        result["random_control"] = random_transfer(runner, model, masks, harm, base, params["control_seeds"],
+                                                   evals)
         result["random_control_mean_harm_reduction"] = _mean(
             [v for row in result["random_control"].values() for v in row.values()])
     if params.get("utility_evaluation"):
@@ -103,10 +102,18 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
     return result
 
 
+def calibration_data(runner: Runner, calib: str, other: str, params: dict[str, Any]) -> str:
+    """Category A's calibration set without the examples also about category ``other`` (the exclusion option)."""
+    records = runner.records(calib)
+    kept = not_also_about(records, other, params)
+    return runner.derived_data(f"{calib}-about:{other}", kept) if len(kept) < len(records) else calib
+
+
 def utility_of(runner: Runner, model: str, params: dict[str, Any], masks: dict[str, Any], q: float,
                p: float) -> dict[str, float]:
     """The utility metric unpruned and with each category's set pruned: is a transfer only general damage?"""
     evaluation, metric = params["utility_evaluation"], params.get("utility_metric", "accuracy")
+    runner.prefetch([StageCall.of("evaluate", model, evaluation, m) for m in masks.values()])
     out = {}
     for name, mask in masks.items():
         metrics = runner.evaluate(model, evaluation, mask)
@@ -122,14 +129,13 @@ def _answered(runner: Runner, params: dict[str, Any], data: str) -> str:
 
 
 def random_transfer(runner: Runner, model: str, masks: dict[str, Any], harm, base: dict[str, float],
-                    seeds: list[int]) -> dict[str, dict[str, float]]:
+                    seeds: list[int], evals: dict[str, str]) -> dict[str, dict[str, float]]:
     """The transfer matrix of random masks with each category's per-matrix counts, averaged over seeds."""
-    out: dict[str, dict[str, float]] = {}
-    for a, mask in masks.items():
-        controls = [(s, runner.control(mask, "random", s, model)) for s in seeds]
-        out[a] = {b: _mean([relative_reduction(base[b], harm(b, c, f"random:{a}", s)) for s, c in controls])
-                  for b in base}
-    return out
+    controls = {a: [(s, runner.control(mask, "random", s, model)) for s in seeds] for a, mask in masks.items()}
+    runner.prefetch([StageCall.of("evaluate", model, evals[b], c) for a in masks for _, c in controls[a]
+                     for b in base])
+    return {a: {b: _mean([relative_reduction(base[b], harm(b, c, f"random:{a}", s)) for s, c in controls[a]])
+                for b in base} for a in masks}
 
 
 def not_also_about(records: list[Record], other: str, params: dict[str, Any]) -> list[Record]:

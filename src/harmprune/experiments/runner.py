@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,8 +41,11 @@ def stable_hash(obj: Any) -> str:
 class Runner:
     """Memoised access to models, data and stage outputs of one run directory."""
 
-    def __init__(self, config: Config, out_dir: str | Path):
+    def __init__(self, config: Config, out_dir: str | Path, executor=None):
+        from harmprune.experiments.executors import LocalExecutor
+
         self.config = config
+        self.executor = executor or LocalExecutor()
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.out / "results.sqlite")
@@ -49,6 +54,23 @@ class Runner:
         self._loaded: tuple[str, Any, Any] | None = None
         self.stats = {"computed": 0, "reused": 0}
         self.results: dict[str, Any] = {}  # what one experiment leaves for the next (e.g. operating points)
+
+    def prefetch(self, calls: list) -> None:
+        """Compute a batch of independent stages (:class:`~harmprune.experiments.executors.StageCall`) ahead of
+        the sequential code that reads them: a no-op locally, parallel tasks on Ray."""
+        self.executor.run(self, calls)
+
+    def worker_state(self) -> dict[str, Any]:
+        """What another process needs to act as this runner: the config (with derived models and evaluations)
+        and the derived data sets, which exist only in memory."""
+        derived = {n: r for n, r in self._records.items() if n not in self.config.data}
+        return {"config": self.config, "out": str(self.out), "derived": derived}
+
+    @classmethod
+    def from_worker_state(cls, state: dict[str, Any]) -> "Runner":
+        runner = cls(state["config"], state["out"])
+        runner._records.update(state["derived"])
+        return runner
 
     # ------------------------------------------------------------------------------------------ inputs
 
@@ -116,14 +138,21 @@ class Runner:
         if (final / done_file).exists():
             self.stats["reused"] += 1
             return final
-        partial = final.with_name(key + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial = _fresh_partial_dir(final)
         start = time.perf_counter()
         log.info("stage %s %s: %s", kind, key, _describe(params))
-        build(partial)
-        atomic_write_json(partial / "stage.json", {"kind": kind, "key": key, "params": params,
-                                                   "harmprune_version": __version__})
+        try:
+            build(partial)
+            atomic_write_json(partial / "stage.json", {
+                "kind": kind, "key": key, "params": params, "harmprune_version": __version__,
+                "host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start})
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if (final / done_file).exists():  # another process (a parallel executor) finished it first
+            shutil.rmtree(partial, ignore_errors=True)
+            self.stats["reused"] += 1
+            return final
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         self.store.record_stage(key, kind, params, str(final), time.perf_counter() - start)
@@ -348,6 +377,29 @@ class Runner:
         if name not in self.config.models:
             self.register_model(name, d / "model", like=model_name)
         return name
+
+
+def _fresh_partial_dir(final: Path) -> Path:
+    """A build directory private to this process, next to ``final``; leftovers of dead processes on this host
+    (a killed run) are removed."""
+    host = socket.gethostname().replace("-", "_")
+    for old in final.parent.glob(f"{final.name}.partial-{host}-*"):
+        pid = old.name.rsplit("-", 2)[-2]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    partial = final.with_name(f"{final.name}.partial-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def hash_model_source(source: str) -> str:
