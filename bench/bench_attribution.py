@@ -49,6 +49,8 @@ def worker(args) -> dict:
         scores = compute_scores(model, tok, records, "signed-snip", max_length=args.max_length,
                                 batch_size=args.batch_size, progress=False)
         tensors, tokens = scores.tensors, scores.metadata["tokens"]
+    elif args.worker == "plain":
+        tensors, tokens = {}, plain_backward(model, tok, records, params, args.max_length, args.batch_size)
     else:
         tensors, tokens = reference_per_layer(model, tok, records, params, args.max_length)
     elapsed = time.perf_counter() - start
@@ -96,6 +98,26 @@ def reference_per_layer(model, tok, records, params, max_length):
     return {n: params[n].detach().float() * acc[n] for n in params}, tokens
 
 
+def plain_backward(model, tok, records, params, max_length, batch_size) -> int:
+    """The activation baseline: an ordinary forward+backward (gradients kept on the scored weights) over the same
+    length-sorted batches harmprune scores, so its peak memory is weights + gradients + one batch's activations."""
+    from harmprune.formatting import collate_for_loss, encode_pair, pad_id_of, per_example_response_nll
+
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    encoded = sorted((encode_pair(tok, r.prompt, r.response, "chat", max_length) for r in records),
+                     key=lambda e: len(e.input_ids))
+    tokens = 0
+    for i in range(0, len(encoded), batch_size):
+        batch = collate_for_loss(encoded[i : i + batch_size], pad_id_of(tok))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        per_example_response_nll(logits, batch["labels"]).sum().backward()
+        tokens += int((batch["labels"] != -100).sum())
+        del logits
+        model.zero_grad(set_to_none=False)  # keep the gradient buffers, as a training step would
+    return tokens
+
+
 def matmul_rate(threads: int, dtype: str) -> float:
     """This machine's measured dense matmul rate (FLOP/s) at the benchmark's dtype and thread count."""
     import torch
@@ -139,7 +161,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--worker", choices=["batched", "reference"], default=None)
+    ap.add_argument("--worker", choices=["batched", "reference", "plain"], default=None)
     ap.add_argument("--limit", type=int, default=None, help="(worker) score only the first N sampled examples")
     ap.add_argument("--save", default=None)
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
@@ -156,12 +178,13 @@ def main() -> None:
         full = run_worker(args, "batched", args.n_examples)
         subset = run_worker(args, "batched", args.reference_examples, ours)
         ref = run_worker(args, "reference", args.reference_examples, ref_file)
+        plain = run_worker(args, "plain", args.n_examples)
         err = max_relative_error(ours, ref_file)
     rate = matmul_rate(args.threads, args.dtype)
-    write_report(args, full, subset, ref, err, rate)
+    write_report(args, full, subset, ref, plain, err, rate)
 
 
-def write_report(args, full: dict, subset: dict, ref: dict, err: float, rate: float) -> None:
+def write_report(args, full: dict, subset: dict, ref: dict, plain: dict, err: float, rate: float) -> None:
     per_ex = lambda r: r["seconds"] / r["examples"]
     # Forward+backward of a dense layer costs 6 FLOPs per weight per token (2 forward, 2 input grad, 2 weight grad).
     flops = 6 * full["linear_params"] * full["tokens"]
@@ -179,10 +202,13 @@ def write_report(args, full: dict, subset: dict, ref: dict, err: float, rate: fl
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in (("harmprune, one pass per batch", full), ("harmprune, reference's examples", subset),
-                    ("per-layer reference", ref)):
+                    ("per-layer reference", ref), ("plain forward+backward (activation baseline)", plain)):
         lines.append(f"| {name} | {r['examples']} | {r['tokens']} | {r['seconds']:.1f} | {per_ex(r):.2f} | "
                      f"{gib(r['peak_rss_bytes']):.2f} | {gib(r['rss_before_bytes']):.2f} |")
     extra = full["peak_rss_bytes"] - full["rss_before_bytes"]
+    grads = 4 * full["scored_params"] if args.dtype == "float32" else 2 * full["scored_params"]
+    activations = plain["peak_rss_bytes"] - plain["rss_before_bytes"] - grads
+    budget = 2.5 * full["weight_bytes"] + activations
     lines += [
         "",
         f"- Speed-up per example: **{per_ex(ref) / per_ex(full):.1f}×** (full run of {full['examples']}) and "
@@ -192,6 +218,11 @@ def write_report(args, full: dict, subset: dict, ref: dict, err: float, rate: fl
         f"- Memory: scoring added {gib(extra):.2f} GiB over the loaded model (weights {gib(full['weight_bytes']):.2f}"
         f" GiB; the float32 accumulators for the {full['scored_params'] / 1e6:.0f}M scored weights take "
         f"{gib(4 * full['scored_params']):.2f} GiB); peak RSS / weight bytes = {full['peak_rss_bytes'] / full['weight_bytes']:.2f}.",
+        f"- Activations of the largest batch ({args.batch_size} × ≤{args.max_length} tokens), measured as the plain "
+        f"forward+backward's peak minus its loaded model and gradient buffers: {gib(activations):.2f} GiB (the "
+        f"B × T × vocabulary logits, their log-softmax and their gradient are a large part). Target: peak ≤ 2.5 × weights + activations = {gib(budget):.2f} GiB; measured "
+        f"{gib(full['peak_rss_bytes']):.2f} GiB: **{'met' if full['peak_rss_bytes'] <= budget else 'NOT met'}** "
+        f"({gib(full['peak_rss_bytes'] - plain['peak_rss_bytes']):+.2f} GiB against the plain step).",
         f"- Achieved {flops / full['seconds'] / 1e9:.1f} GFLOP/s (6 × {full['linear_params'] / 1e6:.0f}M linear "
         f"weights × tokens, attention scores not counted) against a measured {rate / 1e9:.1f} GFLOP/s for a "
         f"2048² {args.dtype} matmul on the same threads: {100 * flops / full['seconds'] / rate:.0f}% of peak.",

@@ -183,3 +183,43 @@ def test_score_file_round_trip(model, tok, tmp_path):
     half = load_scores(save_scores(scores, tmp_path / "h.safetensors", dtype=torch.bfloat16))
     assert_close(half.tensors, scores.tensors, rtol=1e-2)
     assert half.metadata["save_dtype"] == "bfloat16"
+
+
+def _batch(tok, records):
+    from harmprune.formatting import collate_for_loss, pad_id_of
+
+    return collate_for_loss([encode_pair(tok, r.prompt, r.response, "chat") for r in records], pad_id_of(tok))
+
+
+def test_response_only_head_equals_full_logits(tok):
+    from harmprune.formatting import per_example_response_nll, plain_lm_head, response_nll
+
+    model = make_llama(len(tok), seed=3)
+    batch = _batch(tok, RECORDS)
+    full = per_example_response_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                    batch["labels"])
+    assert plain_lm_head(model, batch) is model.lm_head  # the fast path is taken for a plain Llama
+    assert torch.allclose(response_nll(model, batch), full, rtol=1e-5, atol=1e-6)
+
+
+def test_models_whose_logits_are_not_the_plain_head_use_the_full_logits(tok):
+    """Soft-capped logits (as Gemma 2 does): the head-only path would be wrong, so it must not be taken."""
+    from harmprune.formatting import per_example_response_nll, plain_lm_head, response_nll
+
+    model = make_llama(len(tok), seed=4)
+    inner = model.forward
+
+    def capped(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+        return out
+
+    model.forward = capped
+    batch = _batch(tok, RECORDS)
+    assert plain_lm_head(model, batch) is None
+    expected = per_example_response_nll(capped(input_ids=batch["input_ids"],
+                                               attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    assert torch.allclose(response_nll(model, batch), expected, rtol=1e-6)
+    params, total = reference_grads(model, tok, RECORDS[:3])
+    scores = compute_scores(model, tok, RECORDS[:3], "signed-snip", batch_size=2, progress=False)
+    assert_close(scores.tensors, {n: params[n].detach() * total[n] for n in params})

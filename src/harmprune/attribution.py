@@ -41,7 +41,7 @@ from harmprune.distributed import (
 )
 from harmprune.errors import HarmpruneError
 from harmprune.formatting import IGNORE_INDEX, PromptFormat, collate_for_loss, encode_pair, pad_id_of
-from harmprune.formatting import per_example_response_nll
+from harmprune.formatting import per_example_response_nll, response_nll
 from harmprune.models import model_id
 from harmprune.tensorfile import TensorFile, save_tensors
 
@@ -145,10 +145,7 @@ def compute_scores(
                     with torch.no_grad():
                         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 else:
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                    ).logits
-                    loss = per_example_response_nll(logits, batch["labels"]).sum()
+                    loss = _loss(model, batch, sharded)
                     (loss if real else loss * 0).backward()
     if group is not None:
         torch.distributed.destroy_process_group(group)
@@ -187,6 +184,14 @@ def load_scores(path: str | Path) -> Scores:
 
 
 # ---------------------------------------------------------------------------------------------- internals
+
+
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor], sharded: bool) -> torch.Tensor:
+    """Σ_i L_i over the batch. FSDP-sharded models run whole (their root gathers the head's weights)."""
+    if sharded:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return per_example_response_nll(logits, batch["labels"]).sum()
+    return response_nll(model, batch).sum()
 
 
 def _job(model: nn.Module, distributed: bool | None) -> DistContext | None:

@@ -104,6 +104,53 @@ def per_example_response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torc
     return token_nll.sum(dim=1) / counts
 
 
+def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``per_example_response_nll`` of the model on ``batch``, computing vocabulary logits only where needed.
+
+    The LM head runs only at the positions that predict a response token, so prompt and padding positions never
+    become vocabulary-sized logits (with their log-softmax and gradient, most of a batch's activation memory for
+    50k-150k vocabularies). Used when :func:`plain_lm_head` confirms the model's logits are just its head applied
+    to its decoder's last hidden state; otherwise the full logits are computed.
+    """
+    labels = batch["labels"]
+    head = plain_lm_head(model, batch)
+    if head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return per_example_response_nll(logits, labels)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
+    token_nll = torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep], reduction="none")
+    sums = torch.zeros(labels.size(0), dtype=token_nll.dtype, device=token_nll.device)
+    sums = sums.index_add(0, keep.nonzero()[:, 0], token_nll)
+    return sums / keep.sum(dim=1).clamp(min=1)
+
+
+def plain_lm_head(model, batch: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+    """The model's output head if ``model(x).logits == head(decoder(x))`` (checked once per model on one example
+    of ``batch``), else None: logit soft-capping or scaling, wrappers, or no separable decoder."""
+    cached = getattr(model, "_harmprune_plain_head", None)
+    if cached is not None:
+        return cached or None
+    head = None
+    try:
+        decoder, candidate = model.get_decoder(), model.get_output_embeddings()
+        one = {k: batch[k][:1] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            full = model(**one, use_cache=False).logits.float()
+            fast = candidate(decoder(**one, use_cache=False).last_hidden_state).float()
+        if full.shape == fast.shape and (full - fast).abs().max() <= 1e-3 * max(1.0, float(full.abs().max())):
+            head = candidate
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        head = None
+    try:
+        object.__setattr__(model, "_harmprune_plain_head", head or False)
+    except AttributeError:
+        pass
+    return head
+
+
 def pad_id_of(tokenizer) -> int:
     pad = tokenizer.pad_token_id
     if pad is None:
