@@ -174,3 +174,16 @@ def test_config_errors_name_the_key_before_any_work(project, tmp_path, edit, mes
 def test_check_flag_validates_only(project, capsys):
     assert main(["run", str(write_config(project)), "--check"]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_judge_options_of_harm_evaluations_are_validated_and_paths_resolved(project):
+    (project / "judge_templates.json").write_text('{"strongreject_finetuned": "Q: {prompt} A: {response}"}')
+    text = CONFIG.replace('judge = "refusal"\nprefill_tokens = 3',
+                          'judge = "strongreject-finetuned"\njudge_prompt_file = "judge_templates.json"\n'
+                          'judge_batch_size = 2\nprefill_tokens = 3')
+    cfg = load_checked_config(write_config(project, text, "judge.toml"))
+    assert cfg.evaluations["harm"]["judge_prompt_file"] == str((project / "judge_templates.json").resolve())
+    with pytest.raises(ConfigError, match="evaluations.harm.judge_prompt_file: no such path 'nowhere.json'"):
+        load_checked_config(write_config(project, text.replace("judge_templates.json", "nowhere.json"), "j2.toml"))
+    with pytest.raises(ConfigError, match="judge_colour"):
+        load_checked_config(write_config(project, text.replace("judge_batch_size", "judge_colour"), "j3.toml"))

@@ -214,7 +214,7 @@ def _evaluation(name: str, t: Any, data: dict[str, DataSpec], base: Path, where:
             for v in _as_list(value):
                 if v not in data:
                     raise ConfigError(f"{where}: evaluations.{name}.{key} names unknown data set {v!r}")
-        if key in ("mmlu", "ppl_file"):
+        if key in ("mmlu", "ppl_file", "judge_prompt_file", "judge_prompts_file"):
             resolved = _maybe_local(value, base)
             if not Path(resolved).exists():
                 raise ConfigError(f"{where}: evaluations.{name}.{key}: no such path {value!r}")
