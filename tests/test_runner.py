@@ -187,3 +187,12 @@ def test_judge_options_of_harm_evaluations_are_validated_and_paths_resolved(proj
         load_checked_config(write_config(project, text.replace("judge_templates.json", "nowhere.json"), "j2.toml"))
     with pytest.raises(ConfigError, match="judge_colour"):
         load_checked_config(write_config(project, text.replace("judge_batch_size", "judge_colour"), "j3.toml"))
+
+
+def test_only_runs_the_named_experiments(project, tmp_path, capsys):
+    cfg = write_config(project)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "r"), "--only", "controls"]) in (0, None)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert list(summary["experiments"]) == ["controls"] and "harm_reduction" not in summary
+    with pytest.raises(ConfigError, match="no experiment 'emergent_misalignment' in this config"):
+        run_config(cfg, tmp_path / "r2", only=["emergent_misalignment"])

@@ -19,6 +19,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="GPUs each Ray stage task asks for (default: 1 if this machine has a GPU, else 0)")
     p.add_argument("--task-retries", type=int, default=0, help="Ray retries of a stage task whose worker died")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--only", default=None, metavar="NAME[,NAME]",
+                   help="run only these experiments of the config (e.g. --only cross_category,dissociation)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("results", help="query the results store of a run directory")
@@ -57,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             gpus = 1.0 if torch.cuda.is_available() else 0.0
         options = {"address": args.ray_address, "num_cpus": args.cpus_per_task, "num_gpus": gpus,
                    "max_retries": args.task_retries}
-    out = run_config(args.config, args.out, executor=args.executor, **options)
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    out = run_config(args.config, args.out, executor=args.executor, only=only, **options)
     print(f"report: {out / 'report.html'}")
 
 

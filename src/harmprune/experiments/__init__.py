@@ -57,17 +57,25 @@ def load_checked_config(path: str | Path):
 
 
 def run_config(path: str | Path, out_dir: str | Path | None = None, executor: str = "local",
-               **executor_options: Any) -> Path:
-    """Run every experiment a config lists; return the run directory (with summary.json and the report).
+               only: list[str] | None = None, **executor_options: Any) -> Path:
+    """Run the experiments a config lists (or those named in ``only``, in the config's order); return the run
+    directory (with summary.json and the report).
 
     ``executor`` is where independent stages run (:mod:`harmprune.experiments.executors`: ``local`` or ``ray``,
     with ``executor_options`` such as ``address``, ``num_cpus``, ``num_gpus``).
     """
+    from harmprune.errors import ConfigError
     from harmprune.experiments.executors import make_executor
     from harmprune.experiments.runner import Runner
     from harmprune.io import atomic_write_json, atomic_write_text
 
     config = load_checked_config(path)
+    if only:
+        unknown = [name for name in only if name not in config.experiments]
+        if unknown:
+            raise ConfigError(f"{path}: no experiment {', '.join(map(repr, unknown))} in this config "
+                              f"(it has: {', '.join(config.experiments)})")
+        config.experiments = {k: v for k, v in config.experiments.items() if k in only}
     out = Path(out_dir) if out_dir else Path("runs") / config.name
     runner = Runner(config, out, executor=make_executor(executor, **executor_options))
     atomic_write_text(out / "config.toml", Path(path).read_text(encoding="utf-8"))
