@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from harmprune.errors import ConfigError, HarmpruneError
 
@@ -69,8 +69,8 @@ class RayExecutor:
     num_gpus: float = 0.0
     max_retries: int = 0
     init_kwargs: dict[str, Any] = field(default_factory=dict)
-    name: str = "ray"
-    _started: bool = False
+    name: ClassVar[str] = "ray"
+    _started: bool = field(default=False, init=False, repr=False)
 
     def _ray(self):
         try:
