@@ -132,7 +132,7 @@ def plain_lm_head(model, batch: dict[str, torch.Tensor]) -> torch.nn.Module | No
     of ``batch``), else None: logit soft-capping or scaling, wrappers, or no separable decoder."""
     cached = getattr(model, "_harmprune_plain_head", None)
     if cached is not None:
-        return cached or None
+        return None if cached is False else cached
     head = None
     try:
         decoder, candidate = model.get_decoder(), model.get_output_embeddings()
@@ -145,7 +145,7 @@ def plain_lm_head(model, batch: dict[str, torch.Tensor]) -> torch.nn.Module | No
     except (AttributeError, TypeError, ValueError, NotImplementedError):
         head = None
     try:
-        object.__setattr__(model, "_harmprune_plain_head", head or False)
+        object.__setattr__(model, "_harmprune_plain_head", False if head is None else head)  # not a submodule
     except AttributeError:
         pass
     return head
