@@ -104,27 +104,34 @@ def per_example_response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torc
     return token_nll.sum(dim=1) / counts
 
 
-def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``per_example_response_nll`` of the model on ``batch``, computing vocabulary logits only where needed.
+def response_token_nll_sums(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of ``batch`` (from :func:`collate_for_loss`): the summed next-token NLL of its response tokens
+    and how many tokens that sum covers, both of shape (batch,).
 
     The LM head runs only at the positions that predict a response token, so prompt and padding positions never
     become vocabulary-sized logits (with their log-softmax and gradient, most of a batch's activation memory for
     50k-150k vocabularies). Used when :func:`plain_lm_head` confirms the model's logits are just its head applied
     to its decoder's last hidden state; otherwise the full logits are computed.
     """
-    labels = batch["labels"]
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     head = plain_lm_head(model, batch)
     if head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return per_example_response_nll(logits, labels)
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state
+        logits = model(**inputs).logits[:, :-1, :].float()
+        token_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                      ignore_index=IGNORE_INDEX, reduction="none")
+        return token_nll.view(targets.shape).sum(dim=1), keep.sum(dim=1)
+    hidden = model.get_decoder()(**inputs).last_hidden_state
     token_nll = torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep], reduction="none")
-    sums = torch.zeros(labels.size(0), dtype=token_nll.dtype, device=token_nll.device)
-    sums = sums.index_add(0, keep.nonzero()[:, 0], token_nll)
-    return sums / keep.sum(dim=1).clamp(min=1)
+    sums = torch.zeros(targets.size(0), dtype=token_nll.dtype, device=token_nll.device)
+    return sums.index_add(0, keep.nonzero()[:, 0], token_nll), keep.sum(dim=1)
+
+
+def response_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``per_example_response_nll`` of the model on ``batch`` (shape (batch,)), by :func:`response_token_nll_sums`."""
+    sums, counts = response_token_nll_sums(model, batch)
+    return sums / counts.clamp(min=1)
 
 
 def plain_lm_head(model, batch: dict[str, torch.Tensor]) -> torch.nn.Module | None:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from harmprune.formatting import IGNORE_INDEX, Encoded, collate_for_loss
+from harmprune.formatting import Encoded, collate_for_loss, response_token_nll_sums
 
 
 def model_device(model) -> torch.device:
@@ -39,18 +39,11 @@ def response_nll_sums(
     counts: list[int] = [0] * len(examples)
     device = model_device(model)
     for batch in _batches([len(e.input_ids) for e in examples], batch_size):
-        enc = collate_for_loss([examples[i] for i in batch], pad_id)
-        logits = model(
-            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False
-        ).logits
-        labels = enc["labels"][:, 1:].to(device)
-        token_nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1, :].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="none",
-        ).view(labels.shape)
+        enc = {k: v.to(device) for k, v in collate_for_loss([examples[i] for i in batch], pad_id).items()}
+        batch_sums, batch_counts = response_token_nll_sums(model, enc)
         for row, i in enumerate(batch):
-            sums[i] = float(token_nll[row].sum())
-            counts[i] = int((labels[row] != IGNORE_INDEX).sum())
+            sums[i] = float(batch_sums[row])
+            counts[i] = int(batch_counts[row])
     return sums, counts
 
 
