@@ -23,7 +23,7 @@ def add_build(sub) -> None:
     p.set_defaults(func=_build)
 
 
-# --- organism align (owner: finetune/attacks helper) -----------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- organism align
 def add_align(sub) -> None:
     p = sub.add_parser(
         "align",
