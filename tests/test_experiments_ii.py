@@ -179,6 +179,8 @@ narrow_data = "harmful_train"
 narrow_category = "weapons"
 em_evaluation = "em"
 in_domain_evaluation = "harm_plain"
+broad_evaluations = ["nll"]
+broad_metric = "harmful_nll"
 seeds = [0]
 self_generated = true
 generation_max_new_tokens = 14
@@ -299,6 +301,14 @@ def test_emergent_misalignment_pools_seeds_and_evaluates_outside_the_domain(run_
         runs = m["per_seed"][name]
         assert cond["n"] == sum(r["n"] for r in runs) and cond["ci_low"] <= cond["misaligned_rate"] <= cond["ci_high"]
         assert 0 <= cond["in_domain"] <= 1
+        assert cond["broad"]["nll"] == pytest.approx(sum(r["broad"]["nll"] for r in runs) / len(runs))
+    # The judge-free broad measure is the recorded metric of its evaluation, on data without the narrow category.
+    broad_stages = []
+    for d in (out / "stages" / "evaluate").iterdir():
+        spec = json.loads((d / "stage.json").read_text())["params"]["evaluation"]
+        if spec["kind"] == "likelihood" and spec["data"] == "harmful_test[ -weapons]":
+            broad_stages.append(json.loads((d / "metrics.json").read_text())["harmful_nll"])
+    assert m["conditions"]["base"]["broad"]["nll"] in broad_stages
     assert summary["em_misaligned_rate_pruned"] == m["conditions"]["ft-pruned"]["misaligned_rate"]
     # The EM evaluation never asks the fine-tuned category; the in-domain one asks only it.
     seen = {"em": set(), "in": set()}

@@ -390,3 +390,49 @@ def test_finetuned_grading_prompt_comes_from_a_file(tmp_path):
     (tmp_path / "bad.txt").write_text("no placeholders")
     with pytest.raises(HarmpruneError, match="placeholder"):
         load_template(tmp_path / "bad.txt")
+
+
+# ------------------------------------------------------------------------------------------ closed answers
+
+def _brute_force_answer_probability(model, tokenizer, prompt: str, answer: str, answers: list[str]) -> float:
+    """P(answer tokens) × (1 − P(any token continuing into a longer answer)), one plain forward per answer."""
+    from harmprune.formatting import prompt_ids
+
+    head = prompt_ids(tokenizer, prompt)
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    mine = ids[answers.index(answer)]
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([head + mine])).logits[0].double().log_softmax(-1)
+    path = sum(float(logp[len(head) - 1 + k, t]) for k, t in enumerate(mine))
+    longer = {other[len(mine)] for other in ids if len(other) > len(mine) and other[:len(mine)] == mine}
+    stop = 1.0 - sum(float(logp[-1, t].exp()) for t in longer)
+    return float(torch.tensor(path).exp()) * stop
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_closed_answer_probabilities_match_one_forward_per_answer(tok, attn):
+    from harmprune.judges.closed_answers import answer_probabilities
+
+    model = make_llama(len(tok), seed=3)
+    model.config._attn_implementation = attn
+    answers = [str(n) for n in range(0, 101)] + ["CODE", "REFUSAL"]
+    prompts = ["Rate this: fine", "A much longer prompt that needs left padding in the batch.", "x"]
+    got = answer_probabilities(model, tok, prompts, answers, batch_size=3)
+    assert got.shape == (3, len(answers))
+    for i, prompt in enumerate(prompts):
+        for j in (0, 1, 7, 10, 42, 99, 100, 101, 102):
+            want = _brute_force_answer_probability(model, tok, prompt, answers[j], answers)
+            assert got[i, j].item() == pytest.approx(want, rel=1e-4, abs=1e-9), (prompt, answers[j])
+    assert float(got.sum(-1).max()) <= 1.0 + 1e-5
+    # batching does not change a prompt's scores
+    alone = answer_probabilities(model, tok, prompts[2:], answers, batch_size=1)
+    assert torch.allclose(alone[0], got[2], rtol=1e-4, atol=1e-9)
+
+
+def test_closed_answers_reject_duplicate_and_empty_answers(tok):
+    from harmprune.judges.closed_answers import build_trie
+
+    with pytest.raises(HarmpruneError, match="repeats"):
+        build_trie(tok, ["12", "12"])
+    with pytest.raises(HarmpruneError, match="no tokens"):
+        build_trie(tok, ["1", ""])

@@ -411,12 +411,14 @@ def _emergent_misalignment(result: dict[str, Any], fig_dir: Path) -> Section:
         _save(fig, fig_dir / file)
         sec.figures.append((file, f"{name}: misaligned rate by condition (bars: pooled over seeds and samples with "
                                   "95% Wilson intervals; dots: each seed)."))
-        rows = [["condition", "misaligned", "95% interval", "per seed", "samples", "mean coherent", "in-domain"]]
+        broad = sorted(conds[labels[0]].get("broad", {})) if labels else []
+        rows = [["condition", "misaligned", "95% interval", "per seed", "samples", "mean coherent", "in-domain",
+                 *(f"{b} ({m.get('broad_metric')})" for b in broad)]]
         for c in labels:
             v = conds[c]
             rows.append([c, _pct(v["misaligned_rate"]), f"{_pct(v['ci_low'])} – {_pct(v['ci_high'])}",
                          ", ".join(_pct(s) for s in v["per_seed_rate"]), str(v["n"]), _f(v.get("mean_coherent")),
-                         _f(v.get("in_domain"))])
+                         _f(v.get("in_domain")), *(_f(v.get("broad", {}).get(b)) for b in broad)])
         ft = m["finetune"]
         sec.text.append(f"**{name}** (narrow domain: {m.get('narrow_category') or 'the narrow data'}; harm set "
                         f"q={m['q']:g}, p={m['p']:g}; LoRA {ft['steps']} steps, rank {ft['rank']}, lr {ft['lr']:g}; "

@@ -11,7 +11,9 @@ category. Conditions, each fine-tuned the same way with every seed of ``seeds``:
   its prompts) minus the utility set is pruned, and held at zero during training (``keep_pruned``);
 * ``ft-random``: the same with a random mask of the same per-matrix counts (seeded like the fine-tune);
 
-plus the model before any fine-tune (``base``) and pruned without fine-tuning (``pruned``). Rates pool the
+plus the model before any fine-tune (``base``) and pruned without fine-tuning (``pruned``). ``broad_evaluations``
+(with ``broad_metric``, default ``token_likelihood``) add judge-free measures outside the domain to every
+condition, e.g. the likelihood of harmful advice to everyday requests: a reading that needs no grader model. Rates pool the
 samples of all seeds; the 95% interval is the Wilson interval of the pooled count, and the per-seed rates give
 the spread over seeds.
 """
@@ -27,7 +29,7 @@ from harmprune.stats import wilson_interval
 PARAMS = {"model", "narrow_data", "narrow_category", "prune_data", "utility_data", "q", "p", "em_evaluation",
           "in_domain_evaluation", "in_domain_metric", "seeds", "self_generated", "generation_max_new_tokens",
           "finetune_steps", "finetune_lr", "finetune_rank", "finetune_batch_size", "finetune_max_length",
-          "keep_pruned"}
+          "keep_pruned", "broad_evaluations", "broad_metric"}
 FT_CONDITIONS = ("ft-unpruned", "ft-pruned", "ft-random")
 
 
@@ -57,6 +59,8 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
     em_eval = _outside(runner, params["em_evaluation"], cat)
     in_eval = _inside(runner, params.get("in_domain_evaluation"), cat)
     in_metric = params.get("in_domain_metric", "harmfulness")
+    broad = {name: _outside(runner, name, cat) for name in params.get("broad_evaluations", [])}
+    broad_metric = params.get("broad_metric", "token_likelihood")
     hp = {"steps": int(params.get("finetune_steps", 40)), "lr": float(params.get("finetune_lr", 1e-3)),
           "rank": int(params.get("finetune_rank", 8)), "batch_size": int(params.get("finetune_batch_size", 8)),
           "max_length": int(params.get("finetune_max_length", 256))}
@@ -73,6 +77,11 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
             runner.store.record_metrics("emergent_misalignment", model, condition,
                                         f"{params['in_domain_evaluation']}:in-domain", inside, q=q, p=p, seed=seed)
             out["in_domain"] = float(inside[in_metric])
+        for name, derived in broad.items():
+            metrics = runner.evaluate(model_name, derived, mask)
+            runner.store.record_metrics("emergent_misalignment", model, condition, f"{name}:broad", metrics,
+                                        q=q, p=p, seed=seed)
+            out.setdefault("broad", {})[name] = float(metrics[broad_metric])
         return out
 
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in ("base", "pruned", *FT_CONDITIONS)}
@@ -100,6 +109,7 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
         runner.store.record_metrics("emergent_misalignment", model, c, "summary",
                                     {k: x for k, x in v.items() if not isinstance(x, list)}, q=q, p=p)
     return {"q": q, "p": p, "narrow_category": cat, "seeds": seeds, "finetune": {**hp, "keep_pruned": keep},
+            "broad_metric": broad_metric if broad else None,
             "self_generated": bool(params.get("self_generated")), "conditions": conditions, "per_seed": runs}
 
 
@@ -114,16 +124,20 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if all("in_domain" in r for r in runs):
         out["in_domain"] = _mean([r["in_domain"] for r in runs])
         out["in_domain_per_seed"] = [r["in_domain"] for r in runs]
+    for name in runs[0].get("broad", {}) if runs else ():
+        out.setdefault("broad", {})[name] = _mean([r["broad"][name] for r in runs])
+        out.setdefault("broad_per_seed", {})[name] = [r["broad"][name] for r in runs]
     return out
 
 
 def _outside(runner: Runner, evaluation: str, category: str | None) -> str:
-    """The EM evaluation with the narrow category removed from its data."""
+    """An evaluation outside the domain: the narrow category removed from its data (one set or a list)."""
     if not category:
         return evaluation
     data = runner.config.evaluations[evaluation]["data"]
-    names = data if isinstance(data, list) else [data]
-    return runner.derived_evaluation(evaluation, data=[runner.records_subset(n, exclude=category) for n in names])
+    if isinstance(data, list):
+        return runner.derived_evaluation(evaluation, data=[runner.records_subset(n, exclude=category) for n in data])
+    return runner.derived_evaluation(evaluation, data=runner.records_subset(data, exclude=category))
 
 
 def _inside(runner: Runner, evaluation: str | None, category: str | None) -> str | None:
