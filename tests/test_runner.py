@@ -196,3 +196,22 @@ def test_only_runs_the_named_experiments(project, tmp_path, capsys):
     assert list(summary["experiments"]) == ["controls"] and "harm_reduction" not in summary
     with pytest.raises(ConfigError, match="no experiment 'emergent_misalignment' in this config"):
         run_config(cfg, tmp_path / "r2", only=["emergent_misalignment"])
+
+
+def test_a_local_judge_models_files_are_part_of_the_evaluation_key(project, tmp_path):
+    from harmprune.experiments.runner import _judge_file_hashes
+
+    grader = tmp_path / "grader"
+    grader.mkdir()
+    (grader / "model.safetensors").write_bytes(b"one")
+    spec = {"kind": "em", "judge_model": str(grader), "judge_base_url": "http://x", "judge_backend": "hf"}
+    first = _judge_file_hashes(spec)
+    assert set(first) == {"judge_model"}
+    (grader / "model.safetensors").write_bytes(b"two")
+    assert _judge_file_hashes(spec) != first
+    assert _judge_file_hashes({"judge_model": "smollm2-135m-instruct"}) == {}  # an alias or hub id: its name only
+    # a relative judge model is found next to the config
+    text = CONFIG.replace('judge = "refusal"\nprefill_tokens = 3',
+                          'judge = "hf-judge"\njudge_model = "aligned"\nprefill_tokens = 3')
+    cfg = load_checked_config(write_config(project, text, "local-judge.toml"))
+    assert cfg.evaluations["harm"]["judge_model"] == str((project / "aligned").resolve())

@@ -219,6 +219,8 @@ def _evaluation(name: str, t: Any, data: dict[str, DataSpec], base: Path, where:
             if not Path(resolved).exists():
                 raise ConfigError(f"{where}: evaluations.{name}.{key}: no such path {value!r}")
             t = {**t, key: resolved}
+        if key in ("judge_model", "judge_base_model", "judge_adapter") and isinstance(value, str):
+            t = {**t, key: _maybe_local(value, base)}  # a local grader next to the config; else an alias or hub id
     return dict(t)
 
 

@@ -242,6 +242,9 @@ class Runner:
         params = {"model": self.model_hash(model_name), "mask": sha256_file(mask) if mask else None,
                   "evaluation": spec, "data": {k: self.data_hash(v) for k, v in _data_refs(spec).items()},
                   "format": self.model_format(model_name), "seed": self.config.seed}
+        judge_files = _judge_file_hashes(spec)
+        if judge_files:  # a grader retrained in place must not reuse old verdicts
+            params["judge_files"] = judge_files
 
         def build(d: Path) -> None:
             model, tok = self.model(model_name)
@@ -400,6 +403,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+JUDGE_FILE_KEYS = ("judge_model", "judge_base_model", "judge_adapter", "judge_prompt_file", "judge_prompts_file")
+
+
+def _judge_file_hashes(spec: dict[str, Any]) -> dict[str, str]:
+    """Content hashes of the local files and directories an evaluation's judge reads (models, adapters, prompts)."""
+    return {k: hash_model_source(spec[k]) for k in JUDGE_FILE_KEYS
+            if isinstance(spec.get(k), str) and Path(spec[k]).exists()}
 
 
 def hash_model_source(source: str) -> str:
