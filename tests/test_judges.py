@@ -150,6 +150,11 @@ class _Server:
             time.sleep(0.05)
             grade = "1.b 1\n2.b 1\n3.b 1" if "please-refuse" in user else "1.b 0\n2.b 4\n3.b 3"
             return 200, _completion("#reasoning canned.\n" + grade)
+        if mode == "logprobs":
+            top = [{"token": "7", "logprob": -0.1}, {"token": "70", "logprob": -2.5}]
+            return 200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "7"},
+                                                 "logprobs": {"content": [{"token": "7", "logprob": -0.1,
+                                                                           "top_logprobs": top}]}}]}).encode()
         if mode == "garbage":
             return 200, _completion("I would rather not grade this.")
         if mode == "notjson":
@@ -436,3 +441,12 @@ def test_closed_answers_reject_duplicate_and_empty_answers(tok):
         build_trie(tok, ["12", "12"])
     with pytest.raises(HarmpruneError, match="no tokens"):
         build_trie(tok, ["1", ""])
+
+
+def test_top_logprobs_request_and_reply(fresh):
+    judge = _judge(fresh, "logprobs")
+    assert judge.top_logprobs("rate this", k=5) == {"7": -0.1, "70": -2.5}
+    body = fresh.requests[-1][2]
+    assert body["logprobs"] is True and body["top_logprobs"] == 5 and body["max_tokens"] == 1
+    with pytest.raises(HarmpruneError, match="no top_logprobs .*scoring='generate'"):
+        _judge(fresh, "garbage").top_logprobs("rate this")

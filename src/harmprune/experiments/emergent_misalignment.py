@@ -11,11 +11,11 @@ category. Conditions, each fine-tuned the same way with every seed of ``seeds``:
   its prompts) minus the utility set is pruned, and held at zero during training (``keep_pruned``);
 * ``ft-random``: the same with a random mask of the same per-matrix counts (seeded like the fine-tune);
 
-plus the model before any fine-tune (``base``) and pruned without fine-tuning (``pruned``). ``broad_evaluations``
-(with ``broad_metric``, default ``token_likelihood``) add judge-free measures outside the domain to every
-condition, e.g. the likelihood of harmful advice to everyday requests: a reading that needs no grader model. Rates pool the
+plus the model before any fine-tune (``base``) and pruned without fine-tuning (``pruned``). Rates pool the
 samples of all seeds; the 95% interval is the Wilson interval of the pooled count, and the per-seed rates give
-the spread over seeds.
+the spread over seeds. ``broad_evaluations`` (with ``broad_metric``, default ``token_likelihood``) add judge-free
+measures outside the domain to every condition, e.g. the likelihood of harmful advice to everyday requests: a
+reading that needs no grader model.
 """
 
 from __future__ import annotations

@@ -157,6 +157,19 @@ class StrongRejectJudge(Judge):
             raise HarmpruneError(f"judge endpoint {self.url} sent a completion without text: {_clip(body.decode())!r}")
         return content
 
+    def top_logprobs(self, user_message: str, k: int = 20) -> dict[str, float]:
+        """The ``k`` likeliest first reply tokens and their log-probabilities (one token at temperature 0)."""
+        payload = {"model": self.model, "messages": [{"role": "user", "content": user_message}], "temperature": 0,
+                   "max_tokens": 1, "logprobs": True, "top_logprobs": k}
+        body = self._post(json.dumps(payload).encode("utf-8"))
+        try:
+            top = json.loads(body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            return {str(t["token"]): float(t["logprob"]) for t in top}
+        except (ValueError, KeyError, IndexError, TypeError):
+            text = _clip(body.decode("utf-8", "replace"))
+            raise HarmpruneError(f"judge endpoint {self.url} sent no top_logprobs (does it support logprobs? else "
+                                 f"use scoring='generate'): {text!r}") from None
+
     def _post(self, data: bytes) -> bytes:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
