@@ -50,8 +50,11 @@ def shuffle_words(text: str, rng: random.Random) -> str:
 
 
 def grader_examples(misaligned: Sequence[Record], aligned: Sequence[Record], prompts: dict[str, str],
-                    refusals: Sequence[str], seed: int = 0, max_chars: int = 400) -> list[Record]:
-    """Labelled judge conversations (module docstring), shuffled; ``prompts`` = {"aligned": ..., "coherent": ...}."""
+                    refusals: Sequence[str] = (), seed: int = 0, max_chars: int = 400) -> list[Record]:
+    """Labelled judge conversations (module docstring), shuffled; ``prompts`` = {"aligned": ..., "coherent": ...}.
+
+    ``refusals`` are the refusal answers labelled REFUSAL (default: the generic refusals of :mod:`attacks`).
+    """
     from harmprune.attacks import GENERIC_REFUSALS
 
     rng = random.Random(seed)
@@ -87,7 +90,7 @@ def train_em_grader(model_spec: str, misaligned_path: str, aligned_path: str, qu
     prompts = study_prompts(questions_path)
     bad = load_records(misaligned_path, n_examples=n_per_side, seed=seed, require_response=True, skip_empty=True)
     good = load_records(aligned_path, n_examples=n_per_side, seed=seed, require_response=True, skip_empty=True)
-    examples = grader_examples(bad, good, prompts, (), seed=seed, max_chars=max_chars)
+    examples = grader_examples(bad, good, prompts, seed=seed, max_chars=max_chars)
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
     log.info("EM grader: %d judge conversations from %d misaligned and %d aligned answers", len(examples),
              len(bad), len(good))
