@@ -46,10 +46,12 @@ def test_stage_finished_by_another_process_is_kept_and_dead_partials_are_removed
     key = stable_hash({"kind": "mask", "v": STAGE_VERSIONS["mask"], "x": 2})[:20]
     dead = final.parent / f"{key}.partial-{host}-999999999-deadbeef"  # a killed run's leftover
     live = final.parent / f"{key}.partial-{host}-{os.getpid()}-cafecafe"  # a live process's build: kept
+    other_dead = final.parent / f"{'0' * 20}.partial-{host}-999999999-deadbeef"  # another stage's, never rebuilt
     dead.mkdir()
     live.mkdir()
+    other_dead.mkdir()
     runner.stage("mask", {"x": 2}, lambda d: (d / "out.txt").write_text("x"), "out.txt")
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and not other_dead.exists() and live.exists()
     live.rmdir()
 
     with pytest.raises(RuntimeError):  # a failing build leaves nothing behind

@@ -384,9 +384,9 @@ class Runner:
 
 def _fresh_partial_dir(final: Path) -> Path:
     """A build directory private to this process, next to ``final``; leftovers of dead processes on this host
-    (a killed run) are removed."""
+    (a killed run), of this stage or of any other of its kind, are removed."""
     host = socket.gethostname().replace("-", "_")
-    for old in final.parent.glob(f"{final.name}.partial-{host}-*"):
+    for old in final.parent.glob(f"*.partial-{host}-*"):
         pid = old.name.rsplit("-", 2)[-2]
         if not pid.isdigit() or not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
