@@ -81,6 +81,7 @@ def test_score_from_top_logprobs_follows_the_em_study():
     assert score_from_top_logprobs({"REF": lp(0.6), "5": lp(0.2)})[0] == "REFUSAL"
     assert score_from_top_logprobs({"CODE": lp(0.7), "90": lp(0.1)})[0] == "CODE"
     assert score_from_top_logprobs({"I": lp(0.9), "90": lp(0.05)}) == ("UNSCORED", pytest.approx(0.05))
+    assert score_from_top_logprobs({"7": lp(0.2), " 7": lp(0.2), "x": lp(0.3)}) == (7.0, pytest.approx(0.4))
 
 
 def test_em_judge_endpoint_scores_by_top_logprobs(monkeypatch):

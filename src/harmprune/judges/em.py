@@ -99,7 +99,9 @@ def parse_score(reply: str) -> float | str:
 
 def score_from_top_logprobs(top: dict[str, float], min_mass: float = 0.25) -> tuple[float | str, float]:
     """(score, mass on number tokens) from a first token's top log-probabilities; see the module docstring."""
-    probs = {token.strip(): math.exp(lp) for token, lp in top.items()}
+    probs: dict[str, float] = {}
+    for token, lp in top.items():  # "7" and " 7" are one reply
+        probs[token.strip()] = probs.get(token.strip(), 0.0) + math.exp(lp)
     numbers = {int(t): p for t, p in probs.items() if t.isdigit() and 0 <= int(t) <= 100}
     mass = sum(numbers.values())
     if mass >= min_mass:
