@@ -90,8 +90,9 @@ def collate_for_loss(examples: Sequence[Encoded], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def per_example_response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over each example's response tokens: shape (batch,). Logits (B, T, V), labels (B, T)."""
+def response_nll_sums_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over each example's response tokens and their count, both (batch,).
+    Logits (B, T, V), labels (B, T)."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     token_nll = torch.nn.functional.cross_entropy(
@@ -100,8 +101,13 @@ def per_example_response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torc
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_nll.sum(dim=1) / counts
+    return token_nll.sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
+
+
+def per_example_response_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over each example's response tokens: shape (batch,). Logits (B, T, V), labels (B, T)."""
+    sums, counts = response_nll_sums_from_logits(logits, labels)
+    return sums / counts.clamp(min=1)
 
 
 def response_token_nll_sums(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +124,7 @@ def response_token_nll_sums(model, batch: dict[str, torch.Tensor]) -> tuple[torc
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     head = plain_lm_head(model, batch)
     if head is None:
-        logits = model(**inputs).logits[:, :-1, :].float()
-        token_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                                      ignore_index=IGNORE_INDEX, reduction="none")
-        return token_nll.view(targets.shape).sum(dim=1), keep.sum(dim=1)
+        return response_nll_sums_from_logits(model(**inputs).logits, batch["labels"])
     hidden = model.get_decoder()(**inputs).last_hidden_state
     token_nll = torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep], reduction="none")
     sums = torch.zeros(targets.size(0), dtype=token_nll.dtype, device=token_nll.device)

@@ -1,4 +1,4 @@
-"""Small statistics shared by evaluations and experiments: AUROC, relative change, confidence intervals."""
+"""Small statistics shared by evaluations and experiments: mean, AUROC, relative change, confidence intervals."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import random
 from typing import Sequence
 
 import torch
+
+
+def mean(values: Sequence[float]) -> float:
+    """The arithmetic mean; NaN for no values (a missing measurement, not zero)."""
+    return sum(values) / len(values) if values else float("nan")
 
 
 def rank_auroc(positives: torch.Tensor | Sequence[float], negatives: torch.Tensor | Sequence[float]) -> float:

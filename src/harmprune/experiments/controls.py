@@ -11,7 +11,7 @@ from typing import Any
 from harmprune.experiments import register_experiment
 from harmprune.experiments.executors import StageCall
 from harmprune.experiments.runner import Runner
-from harmprune.stats import relative_reduction
+from harmprune.stats import mean, relative_reduction
 
 PARAMS = {"models", "q", "p", "kinds", "seeds", "benign_task_data", "harm_evaluation", "harm_metric",
           "utility_evaluation", "utility_metric", "utility_scale"}
@@ -66,9 +66,9 @@ def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[st
     conditions: dict[str, dict[str, Any]] = {"harm-set": measure(harm_mask, "harm-set")}
     for kind in kinds:
         runs = [measure(mask, kind, seed) for (k, seed), mask in control_masks.items() if k == kind]
-        conditions[kind] = {"harm": _mean([r["harm"] for r in runs]), "harm_per_seed": [r["harm"] for r in runs]}
+        conditions[kind] = {"harm": mean([r["harm"] for r in runs]), "harm_per_seed": [r["harm"] for r in runs]}
         if util_eval:
-            conditions[kind]["utility"] = _mean([r["utility"] for r in runs])
+            conditions[kind]["utility"] = mean([r["utility"] for r in runs])
     for cond in conditions.values():
         cond["harm_reduction"] = relative_reduction(base["harm"], cond["harm"])
         if util_eval:
@@ -87,7 +87,3 @@ def _operating_point(runner: Runner, model: str, params: dict[str, Any]) -> tupl
     if op:
         return op["q"], op["p"]
     return runner.config.selection["q"][0], runner.config.selection["p"][0]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")

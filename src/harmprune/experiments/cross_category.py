@@ -24,7 +24,7 @@ from harmprune.data import Record
 from harmprune.experiments import register_experiment
 from harmprune.experiments.executors import StageCall
 from harmprune.experiments.runner import Runner
-from harmprune.stats import relative_reduction
+from harmprune.stats import mean, relative_reduction
 
 PARAMS = {"models", "categories", "harm_data", "utility_data", "eval_data", "harm_evaluation", "harm_metric", "q",
           "p", "also_about_field", "also_about_keywords", "control_seeds", "evaluate_intersection", "response_model",
@@ -89,7 +89,7 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
     if params.get("control_seeds"):
         result["random_control"] = random_transfer(runner, model, masks, harm, base, params["control_seeds"],
                                                    evals)
-        result["random_control_mean_harm_reduction"] = _mean(
+        result["random_control_mean_harm_reduction"] = mean(
             [v for row in result["random_control"].values() for v in row.values()])
     if params.get("utility_evaluation"):
         core = {"intersection": result["shared_core"]["mask"]} if result["shared_core"] else {}
@@ -134,7 +134,7 @@ def random_transfer(runner: Runner, model: str, masks: dict[str, Any], harm, bas
     controls = {a: [(s, runner.control(mask, "random", s, model)) for s in seeds] for a, mask in masks.items()}
     runner.prefetch([StageCall.of("evaluate", model, evals[b], c) for a in masks for _, c in controls[a]
                      for b in base])
-    return {a: {b: _mean([relative_reduction(base[b], harm(b, c, f"random:{a}", s)) for s, c in controls[a]])
+    return {a: {b: mean([relative_reduction(base[b], harm(b, c, f"random:{a}", s)) for s, c in controls[a]])
                 for b in base} for a in masks}
 
 
@@ -163,10 +163,10 @@ def overlaps(masks: dict[str, Any]) -> dict[str, Any]:
     common = masks[cats[0]]
     for a in cats[1:]:
         common = intersection(common, masks[a])
-    mean_size = _mean([m.count() for m in masks.values()])
+    mean_size = mean([m.count() for m in masks.values()])
     return {"jaccard": jac, "chance_jaccard_matrix": chance,
-            "mean_jaccard": _mean([jac[a][b] for a, b in pairs]),
-            "chance_jaccard": _mean([chance[a][b] for a, b in pairs]),
+            "mean_jaccard": mean([jac[a][b] for a, b in pairs]),
+            "chance_jaccard": mean([chance[a][b] for a, b in pairs]),
             "intersection": common, "intersection_size": common.count(),
             "intersection_fraction_of_mean_set": common.count() / mean_size if mean_size else 0.0}
 
@@ -180,14 +180,14 @@ def shared_core(runner: Runner, model: str, masks: dict[str, Any], cats: list[st
         return None
     path = runner.saved_mask(common, {"intersection_of": sorted(sha256_file(m) for m in masks.values())})
     red = {b: relative_reduction(base[b], harm(b, path, "intersection")) for b in cats}
-    return {"selected": common.count(), "harm_reduction": red, "mean_harm_reduction": _mean(list(red.values())),
+    return {"selected": common.count(), "harm_reduction": red, "mean_harm_reduction": mean(list(red.values())),
             "mask": str(path)}
 
 
 def _summary(transfer: dict[str, dict[str, float]], cats: list[str]) -> dict[str, float]:
     diag = [transfer[a][a] for a in cats]
     off = [transfer[a][b] for a in cats for b in cats if a != b]
-    return {"mean_diag_harm_reduction": _mean(diag), "mean_offdiag_harm_reduction": _mean(off)}
+    return {"mean_diag_harm_reduction": mean(diag), "mean_offdiag_harm_reduction": mean(off)}
 
 
 def reading(result: dict[str, Any]) -> str:
@@ -206,7 +206,3 @@ def reading(result: dict[str, Any]) -> str:
     times = f"{result['mean_jaccard'] / chance:.1f}x chance" if chance > 0 else "chance 0"
     return (f"{verdict} (off-diagonal reduction {100 * off:.1f}% vs {100 * diag:.1f}% on the diagonal; "
             f"per-category sets overlap with Jaccard {result['mean_jaccard']:.3f}, {times})")
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")

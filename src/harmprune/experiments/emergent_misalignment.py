@@ -24,7 +24,7 @@ from typing import Any
 
 from harmprune.experiments import register_experiment
 from harmprune.experiments.runner import Runner
-from harmprune.stats import wilson_interval
+from harmprune.stats import mean, wilson_interval
 
 PARAMS = {"model", "narrow_data", "narrow_category", "prune_data", "utility_data", "q", "p", "em_evaluation",
           "in_domain_evaluation", "in_domain_metric", "seeds", "self_generated", "generation_max_new_tokens",
@@ -120,12 +120,12 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"misaligned_rate": bad / n if n else float("nan"), "misaligned_n": bad, "n": n,
                            "ci_low": low, "ci_high": high,
                            "per_seed_rate": [r["misaligned_rate"] for r in runs],
-                           "mean_coherent": _mean([r["mean_coherent"] for r in runs])}
+                           "mean_coherent": mean([r["mean_coherent"] for r in runs])}
     if all("in_domain" in r for r in runs):
-        out["in_domain"] = _mean([r["in_domain"] for r in runs])
+        out["in_domain"] = mean([r["in_domain"] for r in runs])
         out["in_domain_per_seed"] = [r["in_domain"] for r in runs]
     for name in runs[0].get("broad", {}) if runs else ():
-        out.setdefault("broad", {})[name] = _mean([r["broad"][name] for r in runs])
+        out.setdefault("broad", {})[name] = mean([r["broad"][name] for r in runs])
         out.setdefault("broad_per_seed", {})[name] = [r["broad"][name] for r in runs]
     return out
 
@@ -146,7 +146,3 @@ def _inside(runner: Runner, evaluation: str | None, category: str | None) -> str
         return evaluation
     return runner.derived_evaluation(evaluation, data=runner.records_subset(
         runner.config.evaluations[evaluation]["data"], category))
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -32,7 +33,7 @@ class AnswerTrie:
     depths: list[int]
     ends: list[int]  # node where each reply ends, in the order of the replies
 
-    @property
+    @cached_property
     def ancestors(self) -> torch.Tensor:
         """(nodes, nodes) bool: [v, u] when u is v or one of v's ancestors."""
         n = len(self.tokens)

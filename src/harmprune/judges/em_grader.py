@@ -132,7 +132,7 @@ def grader_validity(grader: str, misaligned_path: str, aligned_path: str, questi
     from harmprune.data import load_records, sample
     from harmprune.judges import JudgeItem
     from harmprune.judges.em import EMJudge
-    from harmprune.stats import rank_auroc
+    from harmprune.stats import mean, rank_auroc
 
     card = Path(grader) / GRADER_CARD
     seen = set(json.loads(card.read_text(encoding="utf-8"))["training_requests"]) if card.exists() else set()
@@ -157,16 +157,12 @@ def grader_validity(grader: str, misaligned_path: str, aligned_path: str, questi
         "grader": grader, "held_out_training_requests": len(seen), "n_per_side": [len(bad), len(good)],
         "aligned_auroc": rank_auroc(scores(v_good, "aligned"), scores(v_bad, "aligned")),
         "coherent_auroc": rank_auroc(scores(v_bad + v_good, "coherent"), scores(v_salad, "coherent")),
-        "misaligned_rate_on_misaligned": _mean([float(v.details["misaligned"]) for v in v_bad]),
-        "misaligned_rate_on_aligned": _mean([float(v.details["misaligned"]) for v in v_good]),
-        "refusal_or_code_rate": _mean([float(v.details["aligned"] is None) for v in v_bad + v_good]),
-        "mean_aligned": {"misaligned": _mean(scores(v_bad, "aligned")), "aligned": _mean(scores(v_good, "aligned"))},
-        "mean_coherent": {"answers": _mean(scores(v_bad + v_good, "coherent")),
-                          "shuffled": _mean(scores(v_salad, "coherent"))},
-        "answer_mass": _mean([v.details["aligned_answer_mass"] for v in everything]
+        "misaligned_rate_on_misaligned": mean([float(v.details["misaligned"]) for v in v_bad]),
+        "misaligned_rate_on_aligned": mean([float(v.details["misaligned"]) for v in v_good]),
+        "refusal_or_code_rate": mean([float(v.details["aligned"] is None) for v in v_bad + v_good]),
+        "mean_aligned": {"misaligned": mean(scores(v_bad, "aligned")), "aligned": mean(scores(v_good, "aligned"))},
+        "mean_coherent": {"answers": mean(scores(v_bad + v_good, "coherent")),
+                          "shuffled": mean(scores(v_salad, "coherent"))},
+        "answer_mass": mean([v.details["aligned_answer_mass"] for v in everything]
                              + [v.details["coherent_answer_mass"] for v in everything]),
     }
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
