@@ -230,7 +230,12 @@ def _accumulators(method: str, params: dict[str, nn.Parameter]) -> dict[str, tor
 def _encode(tokenizer, record: Record, fmt: PromptFormat, max_length: int, i: int):
     if not record.response:
         raise HarmpruneError(f"example {i} ({record.source or record.prompt[:40]!r}) has no response to score")
-    return encode_pair(tokenizer, record.prompt, record.response, fmt, max_length)
+    from harmprune.calibration import split_unscored
+
+    context, target = split_unscored(record)
+    if not target:
+        raise HarmpruneError(f"example {i} ({record.prompt[:40]!r}) has nothing after its unscored prefix to score")
+    return encode_pair(tokenizer, record.prompt, target, fmt, max_length, context=context)
 
 
 @contextmanager

@@ -132,7 +132,10 @@ def records_digest(records: Iterable[Record]) -> str:
     """A sha256 of the records' content: the cache key and provenance of everything computed from them."""
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r.prompt, r.response, r.category], ensure_ascii=False).encode())
+        fields = [r.prompt, r.response, r.category]
+        if r.source.get("unscored_prefix"):  # which part of the response is context changes what is scored
+            fields.append({"unscored_prefix": r.source["unscored_prefix"]})
+        h.update(json.dumps(fields, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()
 

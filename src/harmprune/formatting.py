@@ -59,10 +59,15 @@ def response_ids(tokenizer, response: str) -> list[int]:
 
 
 def encode_pair(
-    tokenizer, prompt: str, response: str, fmt: PromptFormat = "chat", max_length: int | None = None
+    tokenizer, prompt: str, response: str, fmt: PromptFormat = "chat", max_length: int | None = None,
+    context: str = "",
 ) -> Encoded:
-    """Tokenise a pair; if too long, cut the response's tail, and the prompt's head only if it alone is too long."""
-    p_ids = prompt_ids(tokenizer, prompt, fmt)
+    """Tokenise a pair; if too long, cut the response's tail, and the prompt's head only if it alone is too long.
+
+    ``context`` is text of the answer that is context, not target (a prefilled start the model did not write): it
+    is tokenised on its own after the prompt and carries no loss; ``response`` is what follows it.
+    """
+    p_ids = prompt_ids(tokenizer, prompt, fmt) + (response_ids(tokenizer, context) if context else [])
     r_ids = response_ids(tokenizer, response)
     if not r_ids:
         raise ValueError(f"empty response for prompt {prompt[:60]!r}")

@@ -15,7 +15,7 @@ import sys
 from harmprune import __version__
 
 # One module per command group; adding a group is adding its name here.
-COMMAND_MODULES = ("core", "models", "evals", "organism", "finetune", "judge", "attack", "experiments", "plan")
+COMMAND_MODULES = ("core", "models", "data", "evals", "organism", "finetune", "judge", "attack", "experiments", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

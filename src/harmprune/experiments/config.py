@@ -15,6 +15,12 @@ resolved against the config file's directory first, then the current directory.
     path = "harmful.jsonl"
     n_examples = 64
 
+    [data.own]                # each model's own answers to another set's prompts (harmprune.calibration)
+    self_generated = true
+    from = "harmful"          # whose prompts (and, with prefill_tokens, reference answers)
+    prefill_tokens = 10       # or prefix = "Sure, here is"
+    refusal_judge = "refusal" # answers it marks as refusals are dropped ("none": keep all)
+
     [scoring]                 # how scores are computed (once per model × data × method)
     method = "signed-snip"
     harm = "harmful"          # a data set name
@@ -46,6 +52,11 @@ TOP_KEYS = {"name", "seed", "dtype", "device", "models", "data", "scoring", "sel
 MODEL_KEYS = {"path", "format", "dtype", "aligned", "label"}
 DATA_KEYS = {"path", "prompt_field", "response_field", "category_field", "category", "exclude_category",
              "n_examples", "seed", "skip_empty", "split", "exclude"}
+# A data set the model under study writes itself: its answers to another set's prompts under a prefilling attack,
+# refusals dropped (harmprune.calibration). Each model gets its own answers; usable wherever scores are computed.
+SELF_GENERATED_KEYS = {"self_generated", "from", "prefix", "prefill_tokens", "prefill_from", "refusal_judge",
+                       "max_new_tokens", "batch_size", "score_prefix"}
+SCORE_ONLY_DATA_KEYS = {"utility_data", "benign_task_data", "prune_data"}  # experiment keys only scored
 SCORING_KEYS = {"method", "harm", "utility", "max_length", "batch_size", "modules", "format"}
 SELECTION_KEYS = {"q", "p", "granularity"}
 METHODS = {"signed-snip", "snip", "wanda", "magnitude"}
@@ -101,6 +112,7 @@ def load_config(path: str | Path, known_evaluations: dict[str, set[str]] | None 
     base = path.parent
     models = {n: _model(n, t, base, where) for n, t in _table(raw, "models", where, required=True).items()}
     data = {n: _data(n, t, base, where) for n, t in _table(raw, "data", where).items()}
+    _check_self_generated(data, where)
     for n, spec in data.items():
         excluded = spec.options.get("exclude")
         if excluded is not None and (excluded not in data or excluded == n):
@@ -135,6 +147,10 @@ def load_config(path: str | Path, known_evaluations: dict[str, set[str]] | None 
         for key, value in params.items():
             if key.endswith("data") and isinstance(value, str) and value not in data:
                 raise ConfigError(f"{where}: experiments.{name}.{key} names unknown data set {value!r}")
+            if (key.endswith("data") and isinstance(value, str) and is_self_generated(data[value])
+                    and key not in SCORE_ONLY_DATA_KEYS):
+                raise ConfigError(f"{where}: experiments.{name}.{key}: self-generated data set {value!r} can only be "
+                                  f"scored ({', '.join(sorted(SCORE_ONLY_DATA_KEYS))}, scoring.harm/utility)")
     dtype = raw.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"{where}: dtype {dtype!r} must be float32, bfloat16 or float16")
@@ -160,6 +176,8 @@ def _data(name: str, t: Any, base: Path, where: str) -> DataSpec:
         t = {"path": t}
     if not isinstance(t, dict):
         raise ConfigError(f"{where}: data.{name} must be a table or a path")
+    if "self_generated" in t:
+        return _self_generated(name, t, where)
     _check_keys(t, DATA_KEYS, f"data.{name}.", where)
     if "path" not in t:
         raise ConfigError(f"{where}: data.{name}.path is missing")
@@ -170,6 +188,59 @@ def _data(name: str, t: Any, base: Path, where: str) -> DataSpec:
     if n is not None and (not isinstance(n, int) or n <= 0):
         raise ConfigError(f"{where}: data.{name}.n_examples must be a positive integer, got {n!r}")
     return DataSpec(name, path, {k: v for k, v in t.items() if k != "path"})
+
+
+def _self_generated(name: str, t: dict[str, Any], where: str) -> DataSpec:
+    key = f"{where}: data.{name}"
+    _check_keys(t, SELF_GENERATED_KEYS, f"data.{name}.", where)
+    if t["self_generated"] is not True:
+        raise ConfigError(f"{key}.self_generated must be true (or absent), got {t['self_generated']!r}")
+    if not isinstance(t.get("from"), str):
+        raise ConfigError(f"{key}.from must name the data set whose prompts the model answers")
+    for k in ("max_new_tokens", "batch_size"):
+        v = t.get(k, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{key}.{k} must be a positive integer, got {v!r}")
+    n = t.get("prefill_tokens", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ConfigError(f"{key}.prefill_tokens must be a non-negative integer, got {n!r}")
+    if not isinstance(t.get("prefix", ""), str):
+        raise ConfigError(f"{key}.prefix must be a string, got {t['prefix']!r}")
+    if t.get("prefix") and n:
+        raise ConfigError(f"{key}: give prefix or prefill_tokens, not both")
+    if "prefill_from" in t and not n:
+        raise ConfigError(f"{key}.prefill_from needs prefill_tokens > 0")
+    if not isinstance(t.get("score_prefix", False), bool):
+        raise ConfigError(f"{key}.score_prefix must be true or false, got {t['score_prefix']!r}")
+    judge = t.get("refusal_judge", "refusal")
+    if judge != "none":
+        from harmprune.judges import available_judges
+
+        if judge not in available_judges():
+            raise ConfigError(f"{key}.refusal_judge {judge!r} is not a judge (known: {', '.join(available_judges())}"
+                              f"; 'none' keeps every answer)")
+    options = {"max_new_tokens": 128, "batch_size": 8, "prefill_tokens": 0, "prefix": "", "prefill_from": None,
+               "refusal_judge": "refusal", "score_prefix": False, **t}
+    return DataSpec(name, "", options)
+
+
+def is_self_generated(spec: DataSpec) -> bool:
+    return bool(spec.options.get("self_generated"))
+
+
+def _check_self_generated(data: dict[str, DataSpec], where: str) -> None:
+    """Self-generated sets answer a plain data set's prompts, and are never the prompts of another set."""
+    for n, spec in data.items():
+        keys = ("from", "prefill_from") if is_self_generated(spec) else ("exclude",)
+        for k, ref in ((k, spec.options.get(k)) for k in keys):
+            if ref is None:
+                continue
+            if ref not in data:
+                raise ConfigError(f"{where}: data.{n}.{k} names unknown data set {ref!r}")
+            if is_self_generated(data[ref]):
+                hint = f" (name its source, {data[ref].options['from']!r})" if k == "exclude" else ""
+                raise ConfigError(f"{where}: data.{n}.{k} names self-generated data set {ref!r}; it has answers only "
+                                  f"per model{hint}")
 
 
 def _scoring(t: dict[str, Any], data: dict[str, DataSpec], where: str) -> dict[str, Any]:
@@ -214,6 +285,9 @@ def _evaluation(name: str, t: Any, data: dict[str, DataSpec], base: Path, where:
             for v in _as_list(value):
                 if v not in data:
                     raise ConfigError(f"{where}: evaluations.{name}.{key} names unknown data set {v!r}")
+                if is_self_generated(data[v]):
+                    raise ConfigError(f"{where}: evaluations.{name}.{key}: self-generated data set {v!r} can only be "
+                                      "scored, not evaluated")
         if key in ("mmlu", "ppl_file", "judge_prompt_file", "judge_prompts_file"):
             resolved = _maybe_local(value, base)
             if not Path(resolved).exists():

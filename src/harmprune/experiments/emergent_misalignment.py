@@ -28,6 +28,8 @@ from harmprune.stats import mean, wilson_interval
 
 PARAMS = {"model", "narrow_data", "narrow_category", "prune_data", "utility_data", "q", "p", "em_evaluation",
           "in_domain_evaluation", "in_domain_metric", "seeds", "self_generated", "generation_max_new_tokens",
+          "generation_prefix", "generation_prefill_tokens", "generation_prefill_from", "generation_refusal_judge",
+          "generation_score_prefix",
           "finetune_steps", "finetune_lr", "finetune_rank", "finetune_batch_size", "finetune_max_length",
           "keep_pruned", "broad_evaluations", "broad_metric"}
 FT_CONDITIONS = ("ft-unpruned", "ft-pruned", "ft-random")
@@ -53,6 +55,10 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
     for key in ("narrow_data", "em_evaluation"):
         if not params.get(key):
             raise ConfigError(f"experiments.emergent_misalignment.{key} is needed")
+    prune_spec = runner.config.data.get(params.get("prune_data") or "")
+    if params.get("self_generated") and prune_spec is not None and prune_spec.options.get("self_generated"):
+        raise ConfigError("experiments.emergent_misalignment.prune_data: with self_generated = true it names the "
+                          "prompts the fine-tuned model answers, not a self-generated data set")
     q, p = _operating_point(runner, model, params)
     cat = params.get("narrow_category")
     narrow = runner.records_subset(params["narrow_data"], cat)
@@ -93,8 +99,7 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
         runs["ft-unpruned"].append(measure(plain, None, "ft-unpruned", seed))
         source = params.get("prune_data") or narrow
         if params.get("self_generated"):
-            max_new = int(params.get("generation_max_new_tokens", 128))
-            source = runner.generated_data(plain, source, max_new_tokens=max_new)
+            source = _self_generated(runner, plain, source, params)
         mask = runner.mask(model, q, p, harm_data=source, utility_data=utility)
         if mask not in masks.values():
             masks[seed] = mask
@@ -111,6 +116,24 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
     return {"q": q, "p": p, "narrow_category": cat, "seeds": seeds, "finetune": {**hp, "keep_pruned": keep},
             "broad_metric": broad_metric if broad else None,
             "self_generated": bool(params.get("self_generated")), "conditions": conditions, "per_seed": runs}
+
+
+def _self_generated(runner: Runner, finetuned: str, source: str, params: dict[str, Any]) -> str:
+    """The fine-tuned model's own answers to ``source``'s prompts (optionally prefilled, refusals dropped by
+    ``generation_refusal_judge``), as the data set its harm set is scored on; the counts go into the store."""
+    prefix, n = params.get("generation_prefix", ""), int(params.get("generation_prefill_tokens", 0))
+    if prefix and n:
+        from harmprune.errors import ConfigError
+
+        raise ConfigError("experiments.emergent_misalignment: give generation_prefix or generation_prefill_tokens, "
+                          "not both")
+    name = runner.generated_data(finetuned, source, prefix=prefix, prefill_tokens=n,
+                                 prefill_from=params.get("generation_prefill_from"),
+                                 max_new_tokens=int(params.get("generation_max_new_tokens", 128)),
+                                 judge=params.get("generation_refusal_judge"),
+                                 score_prefix=bool(params.get("generation_score_prefix", not (prefix or n))))
+    runner.record_generation_counts(finetuned, "emergent_misalignment:self_generated", name, source)
+    return name
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:

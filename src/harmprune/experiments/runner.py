@@ -54,6 +54,7 @@ class Runner:
         self._loaded: tuple[str, Any, Any] | None = None
         self.stats = {"computed": 0, "reused": 0}
         self.results: dict[str, Any] = {}  # what one experiment leaves for the next (e.g. operating points)
+        self.generation_counts: dict[str, dict[str, Any]] = {}  # derived answer set -> kept/dropped counts
 
     def prefetch(self, calls: list) -> None:
         """Compute a batch of independent stages (:class:`~harmprune.experiments.executors.StageCall`) ahead of
@@ -77,6 +78,11 @@ class Runner:
     def records(self, data_name: str) -> list[Record]:
         if data_name not in self._records:
             spec = self.config.data[data_name]
+            if spec.options.get("self_generated"):
+                from harmprune.errors import ConfigError
+
+                raise ConfigError(f"{self.config.path}: data.{data_name} is self-generated: it has answers only per "
+                                  "model, where scores are computed")
             opts = dict(spec.options)
             records = load_records(
                 spec.path, prompt_field=opts.get("prompt_field"), response_field=opts.get("response_field"),
@@ -163,6 +169,7 @@ class Runner:
         """Score file of ``model`` on ``data`` (computed once, reused by every selection)."""
         from harmprune.attribution import compute_scores, save_scores
 
+        data_name = self.data_for(model_name, data_name)
         sc = self.config.scoring
         method = method or _first(sc["method"])
         fmt = sc.get("format") or self.model_format(model_name)
@@ -306,31 +313,67 @@ class Runner:
         return name
 
     def generated_data(self, model_name: str, data_name: str, *, prefix: str = "", max_new_tokens: int = 128,
-                       batch_size: int = 8) -> str:
+                       batch_size: int = 8, prefill_tokens: int = 0, prefill_from: str | None = None,
+                       judge: str | None = None, score_prefix: bool = True) -> str:
         """The model's own greedy answers to ``data_name``'s prompts, as a derived data set (cached stage).
 
-        With ``prefix`` every answer is forced to open with it (a prefilling attack, to get compliant answers from
-        a model that would refuse); the stored response is the prefix followed by the continuation. Empty
-        answers are dropped.
+        Every answer is forced to open with ``prefix``, or with the first ``prefill_tokens`` tokens of its
+        reference answer (``prefill_from``'s response for the same prompt, else the record's own): a prefilling
+        attack, to get compliant answers from a model that would refuse. Answers that ``judge`` marks as refused,
+        and empty ones, are dropped (:func:`harmprune.calibration.self_generate`); the counts are kept beside the
+        records and in the results store. The stored response is the prefix followed by the continuation; without
+        ``score_prefix`` the prefix is unscored context.
         """
-        from harmprune.data import load_records, write_jsonl
-        from harmprune.generation import generate
+        from harmprune.calibration import forced_prefixes, self_generate, write_answers
 
         fmt = self.model_format(model_name)
-        params = {"model": self.model_hash(model_name), "data": self.data_hash(data_name), "format": fmt,
-                  "prefix": prefix, "max_new_tokens": max_new_tokens}
+        params: dict[str, Any] = {"model": self.model_hash(model_name), "data": self.data_hash(data_name),
+                                  "format": fmt, "prefix": prefix, "max_new_tokens": max_new_tokens}
+        if prefill_tokens or judge or not score_prefix:  # only then, so older cached answers stay valid
+            params.update(prefill_tokens=prefill_tokens, judge=judge, score_prefix=score_prefix,
+                          prefill_from=self.data_hash(prefill_from) if prefill_from else None)
 
         def build(d: Path) -> None:
             model, tok = self.model(model_name)
             records = self.records(data_name)
-            gens = generate(model, tok, [r.prompt for r in records], fmt=fmt, prefixes=[prefix] * len(records),
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-            write_jsonl([Record(r.prompt, g.prefix + g.response, r.category) for r, g in zip(records, gens)],
-                        d / "records.jsonl")
+            refs = self.records(prefill_from) if prefill_from else None
+            prefixes = forced_prefixes(tok, records, prefix=prefix, prefill_tokens=prefill_tokens, references=refs)
+            result = self_generate(model, tok, records, prefixes, judge=judge, fmt=fmt,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, score_prefix=score_prefix)
+            write_answers(result, d / "records.jsonl", {"model": self.model_path(model_name), "data": data_name,
+                                                        **{k: v for k, v in params.items() if k != "model"}})
 
         d = self.stage("generate", params, build, "records.jsonl")
+        name = f"{data_name}@{model_name}:{d.name[:8]}"
         records = [r for r in load_records(d / "records.jsonl") if r.response and r.response.strip() != prefix.strip()]
-        return self.derived_data(f"{data_name}@{model_name}:{d.name[:8]}", records)
+        meta = d / "records.meta.json"
+        if meta.exists():
+            self.generation_counts[name] = json.loads(meta.read_text())["counts"]
+        return self.derived_data(name, records)
+
+    def data_for(self, model_name: str, data_name: str) -> str:
+        """``data_name`` itself, or for a self-generated set (``[data.X] self_generated = true``) the name of
+        ``model``'s own answers to its source prompts; their kept/dropped counts go into the results store."""
+        spec = self.config.data.get(data_name)
+        if spec is None or not spec.options.get("self_generated"):
+            return data_name
+        o = spec.options
+        judge = None if o["refusal_judge"] == "none" else o["refusal_judge"]
+        name = self.generated_data(model_name, o["from"], prefix=o["prefix"], max_new_tokens=o["max_new_tokens"],
+                                   batch_size=o["batch_size"], prefill_tokens=o["prefill_tokens"],
+                                   prefill_from=o["prefill_from"], judge=judge, score_prefix=o["score_prefix"])
+        self.record_generation_counts(model_name, data_name, name, o["from"])
+        return name
+
+    def record_generation_counts(self, model_name: str, label: str, derived: str, source: str) -> None:
+        """The kept / dropped / total counts of a self-generated set, as ``calibration`` rows of the store."""
+        counts = self.generation_counts.get(derived)
+        if not counts:
+            return
+        keys = ("kept", "dropped", "total", "refused", "empty")
+        self.store.record_metrics("calibration", model_name, label, source, {k: counts[k] for k in keys})
+        for cat, c in counts.get("per_category", {}).items():
+            self.store.record_metrics("calibration", model_name, label, f"{source}:{cat}", {k: c[k] for k in keys})
 
     def saved_mask(self, mask, provenance: dict[str, Any]) -> Path:
         """A mask computed by an experiment (e.g. an intersection of masks) as a cached mask file."""
