@@ -192,6 +192,7 @@ def test_config_route_caches_reuses_and_records_counts(project):
     rows = {r["metric"]: r["value"] for r in Store(out / "results.sqlite").metrics(experiment="calibration",
                                                                                  evaluation="adv")}
     assert rows["kept"] == counts["kept"] and rows["dropped"] == counts["dropped"] and rows["total"] == 8
+    assert "| calibration | m | own | - | - | - | adv | dropped |" in (out / "report.md").read_text()
     # The harm scores were computed on the kept answers: their data digest is the answers'.
     from harmprune.attribution import load_scores
 

@@ -143,10 +143,18 @@ def test_results_and_report_commands(project, tmp_path, capsys):
     assert main(["results", str(out), "--json", "--experiment", "controls"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and all(r["experiment"] == "controls" for r in rows)
+    # Each pruned row names the recipe that made its score files (CONFIG: one method, the default format).
+    recipes = {r["condition"]: r["recipe"] for r in rows}
+    assert recipes["harm-set"] == "harm=signed-snip/pretrained utility=signed-snip/pretrained"
+    assert recipes["unpruned"] is None
     assert main(["results", str(out)]) == 0
-    assert "compression" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "compression" in table and "recipe" in table.splitlines()[0]
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
+    md = (out / "report.md").read_text()
+    assert "Score files (which method and prompt format made each)" in md
+    assert "| signed-snip | pretrained |" in md
     assert main(["results", str(tmp_path)]) == 2
 
 

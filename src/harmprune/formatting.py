@@ -1,10 +1,19 @@
 """How a (prompt, response) pair becomes tokens, and which of them carry the loss.
 
-Two prompt formats:
+Three prompt formats:
 
 * ``chat``: the tokenizer's chat template renders the user turn and opens the assistant turn; the response
   follows as the assistant's text.
 * ``raw``: the prompt text immediately followed by the response text, with no template and no separator.
+* ``pretrained``: the study's "pretrained format" for scoring (B-TAP): the prompt text and a newline, then the
+  response; no chat template and no special tokens, even on chat models.
+
+  What the study's release does (orgadhadas/harm_pruning, ``src/data_utils.py``, ``get_align`` with
+  ``prune_pretrained_format``): it tokenises ``prompt + "\n"`` and the response separately, both with
+  ``add_special_tokens=False`` (so no BOS is added), concatenates the ids and masks the prompt's ids out of the
+  loss. This format follows that exactly: the newline ends the prompt and is never a loss target. (Its loader
+  for the raw Alpaca utility set attaches the newline to the response instead, ``"\n" + response``, making the
+  newline one extra target per utility example; harmprune uses the one rule above for both sets.)
 
 Prompt and response are tokenised separately and concatenated, so the boundary between context and targets is
 exact: the loss (labels != -100) covers the response tokens only.
@@ -17,8 +26,8 @@ from typing import Literal, Sequence
 
 import torch
 
-PromptFormat = Literal["chat", "raw"]
-PROMPT_FORMATS: tuple[str, ...] = ("chat", "raw")
+PromptFormat = Literal["chat", "raw", "pretrained"]
+PROMPT_FORMATS: tuple[str, ...] = ("chat", "raw", "pretrained")
 IGNORE_INDEX = -100
 
 
@@ -38,6 +47,8 @@ def render_prompt(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> str:
     """The text the model sees before its answer starts."""
     if fmt == "raw":
         return prompt
+    if fmt == "pretrained":
+        return prompt + "\n"
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt format 'chat' needs a tokenizer with a chat template; use --format raw")
@@ -48,9 +59,9 @@ def render_prompt(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> str:
 
 
 def prompt_ids(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> list[int]:
-    """Token ids of the rendered prompt. Raw prompts get the tokenizer's BOS token if it adds one."""
+    """Token ids of the rendered prompt. Raw prompts get the tokenizer's BOS token if it adds one; chat prompts
+    carry the template's own special tokens; pretrained-format prompts get none (as the study's code does)."""
     text = render_prompt(tokenizer, prompt, fmt)
-    # A chat template already writes its own special tokens; a raw prompt gets BOS the way the tokenizer adds it.
     return list(tokenizer(text, add_special_tokens=(fmt == "raw"))["input_ids"])
 
 

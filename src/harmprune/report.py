@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harmprune.io import atomic_write_text
-from harmprune.store import Store
+from harmprune.store import Store, recipe_of
 
 
 @dataclass
@@ -177,15 +177,34 @@ def _runs_table(run_dir: Path) -> Section:
     if not store_path.exists():
         return sec
     store = Store(store_path)
-    rows = [["experiment", "model", "condition", "q", "p", "seed", "evaluation", "metric", "value"]]
+    scored = _score_files_table(store, run_dir)
+    if scored:
+        sec.text.append("Score files (which method and prompt format made each):\n\n" + scored)
+    rows = [["experiment", "model", "condition", "q", "p", "seed", "evaluation", "metric", "value", "recipe"]]
     for r in store.metrics():
         rows.append([r["experiment"], r["model"], r["condition"], _f(r["q"]), _f(r["p"]), _f(r["seed"]),
-                     r["evaluation"], r["metric"], _f(r["value"])])
+                     r["evaluation"], r["metric"], _f(r["value"]), recipe_of(r) or "-"])
     sec.text.append(_md_table(rows))
     cfg = run_dir / "config.toml"
     if cfg.exists():
         sec.text.append("Configuration of this run:\n\n```toml\n" + cfg.read_text().strip() + "\n```")
     return sec
+
+
+def _score_files_table(store: Store, run_dir: Path) -> str:
+    """One row per score stage: its key, model, data set, method, prompt format and size, from the file itself."""
+    from harmprune.tensorfile import TensorFile
+
+    rows = [["stage", "model", "data", "method", "format", "examples", "response tokens"]]
+    for st in store.stages():
+        path = run_dir / "stages" / "scores" / st["key"] / "scores.safetensors"
+        if st["kind"] != "scores" or not path.exists():
+            continue
+        meta = TensorFile(path).metadata
+        rows.append([st["key"][:10], str(meta.get("model", "")), str(meta.get("data", "")),
+                     str(meta.get("method", "")), str(meta.get("prompt_format", "-")), str(meta.get("examples", "")),
+                     str(meta.get("tokens", ""))])
+    return _md_table(rows) if len(rows) > 1 else ""
 
 
 # ---------------------------------------------------------------------------------------------- rendering

@@ -2,7 +2,8 @@
 
 Stages are recorded when they finish (their outputs are already on disk, written atomically), so the store never
 points at a half-written file. Metrics are (experiment, model, condition, q, p, metric, value) rows that the
-report and ``harmprune results`` query.
+report and ``harmprune results`` query; a row's ``extra`` JSON holds its ``recipe`` (which scoring method and
+prompt format made the harm and utility score files of the run that recorded it), read back by :func:`recipe_of`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (
@@ -43,8 +44,9 @@ CREATE TABLE IF NOT EXISTS metrics (
 class Store:
     """A thin, explicit layer over sqlite3; every write is its own transaction."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, recipe_of_model: Callable[[str], str] | None = None):
         self.path = Path(path)
+        self.recipe_of_model = recipe_of_model  # model name -> scoring recipe label, stored with pruned rows
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
@@ -67,8 +69,11 @@ class Store:
     def record_metrics(self, experiment: str, model: str, condition: str, evaluation: str,
                        metrics: dict[str, Any], *, q: float | None = None, p: float | None = None,
                        seed: int | None = None, stage: str | None = None, extra: dict[str, Any] | None = None) -> None:
+        extra = dict(extra or {})
+        if self.recipe_of_model is not None and condition != "unpruned" and "recipe" not in extra:
+            extra["recipe"] = self.recipe_of_model(model)
         rows = [(experiment, model, condition, q, p, seed, evaluation, k, float(v), stage,
-                 json.dumps(extra or {}, sort_keys=True))
+                 json.dumps(extra, sort_keys=True))
                 for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         with closing(self._connect()) as db, db:
             # NULLs never collide in a UNIQUE index, so delete the old row explicitly before inserting.
@@ -87,6 +92,14 @@ class Store:
     def stages(self) -> list[dict[str, Any]]:
         with closing(self._connect()) as db:
             return [dict(r) for r in db.execute("SELECT * FROM stages ORDER BY finished").fetchall()]
+
+
+def recipe_of(row: dict[str, Any]) -> str | None:
+    """The scoring recipe stored with a metrics row (None for unpruned rows and runs that predate it)."""
+    try:
+        return json.loads(row.get("extra") or "{}").get("recipe")
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def format_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:

@@ -24,8 +24,13 @@ def add_data_args(p: argparse.ArgumentParser, flag: str = "--data", required: bo
     p.add_argument("--skip-empty-responses", action="store_true", help="drop rows whose response is empty")
 
 
-def add_format_args(p: argparse.ArgumentParser, max_length: int = 512, batch_size: int = 4) -> None:
-    p.add_argument("--format", default="chat", choices=["chat", "raw"], help="prompt format")
+def add_format_args(p: argparse.ArgumentParser, max_length: int = 512, batch_size: int = 4,
+                    default_format: str = "chat") -> None:
+    from harmprune.formatting import PROMPT_FORMATS
+
+    p.add_argument("--format", default=default_format, choices=list(PROMPT_FORMATS),
+                   help=f"prompt format (default: {default_format}; 'pretrained' = prompt, newline, response, "
+                        "no template: the study's scoring format)")
     p.add_argument("--max-length", type=int, default=max_length, help="tokens per example (prompt + response)")
     p.add_argument("--batch-size", type=int, default=batch_size)
 

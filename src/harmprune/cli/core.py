@@ -12,8 +12,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="attribution scores of every weight on a data set")
     add_model_args(p)
     add_data_args(p)
-    add_format_args(p)
-    p.add_argument("--method", required=True, choices=["signed-snip", "snip", "wanda", "magnitude"])
+    add_format_args(p, default_format="pretrained")
+    p.add_argument("--method", required=True, choices=["signed-snip", "snip", "wanda", "magnitude"],
+                   help="the study's pair: signed-snip for the harm set, snip for the utility set")
     p.add_argument("--modules", default=None, help="regex over parameter names (default: decoder-block Linears)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -32,6 +33,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--q", type=float, required=True, help="harm fraction")
     p.add_argument("--p", type=float, default=0.0, help="utility fraction")
     p.add_argument("--granularity", default="matrix", choices=["matrix", "row", "global"])
+    p.add_argument("--harm-method", default=None, choices=["signed-snip", "snip", "wanda", "magnitude"],
+                   help="how to read the harm scores (default: the method in the file's metadata)")
+    p.add_argument("--utility-method", default=None, choices=["signed-snip", "snip", "wanda", "magnitude"],
+                   help="how to read the utility scores (default: the method in the file's metadata)")
     p.add_argument("--out", required=True, help="output mask .safetensors file")
     p.set_defaults(func=cmd_select)
 
@@ -96,11 +101,17 @@ def cmd_select(args: argparse.Namespace) -> None:
 
     harm = TensorFile(args.harm)
     utility = TensorFile(args.utility) if args.utility else None
-    mask = select(harm, utility, args.q, args.p, args.granularity)
+    mask = select(harm, utility, args.q, args.p, args.granularity, harm_method=args.harm_method,
+                  utility_method=args.utility_method)
     save_mask(mask, args.out, harm_file=args.harm, harm_sha256=harm.sha256(),
-              utility_file=args.utility or "", utility_sha256=utility.sha256() if utility else "")
+              utility_file=args.utility or "", utility_sha256=utility.sha256() if utility else "",
+              harm_format=str(harm.metadata.get("prompt_format", "")),
+              utility_format=str(utility.metadata.get("prompt_format", "")) if utility else "")
     stats = mask_stats(mask)
-    print(f"wrote {args.out}: {stats['selected']} of {stats['total']} weights ({stats['fraction']:.3g})")
+    recipe = f"harm {mask.metadata['harm_method']}/{harm.metadata.get('prompt_format', '?')}"
+    if utility is not None:
+        recipe += f", utility {mask.metadata['utility_method']}/{utility.metadata.get('prompt_format', '?')}"
+    print(f"wrote {args.out}: {stats['selected']} of {stats['total']} weights ({stats['fraction']:.3g}; {recipe})")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

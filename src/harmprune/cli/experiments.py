@@ -68,18 +68,18 @@ def cmd_results(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from harmprune.errors import HarmpruneError
-    from harmprune.store import Store, format_table
+    from harmprune.store import Store, format_table, recipe_of
 
     path = Path(args.run_dir) / "results.sqlite"
     if not path.exists():
         raise HarmpruneError(f"{args.run_dir}: no results.sqlite (is this a harmprune run directory?)")
     where = {k: v for k, v in (("experiment", args.experiment), ("model", args.model), ("metric", args.metric)) if v}
-    rows = Store(path).metrics(**where)
+    rows = [{**r, "recipe": recipe_of(r)} for r in Store(path).metrics(**where)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows, ["experiment", "model", "condition", "q", "p", "seed", "evaluation", "metric",
-                                  "value"]))
+                                  "value", "recipe"]))
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -57,7 +57,8 @@ def sweep_model(runner: Runner, model: str, qs: list[float], ps: list[float], pa
         return out
 
     sc = runner.config.scoring
-    runner.prefetch([StageCall.of("scores", model, d) for d in (sc["harm"], sc.get("utility")) if d])
+    runner.prefetch([StageCall.of("scores", model, d, role) for role, d in (("harm", sc["harm"]),
+                                                                            ("utility", sc.get("utility"))) if d])
     masks = {(q, p): runner.mask(model, q, p) for p in ps for q in qs}
     runner.prefetch([StageCall.of("evaluate", model, e, m) for m in [None, *masks.values()] for e in evals])
     base = measure(None, "unpruned")
@@ -117,8 +118,8 @@ def separability(runner: Runner, model: str, q: float) -> dict[str, float] | Non
     util_data = runner.config.scoring.get("utility")
     if not util_data:
         return None
-    harm_file = TensorFile(runner.scores(model, runner.config.scoring["harm"]))
-    util_file = TensorFile(runner.scores(model, util_data))
+    harm_file = TensorFile(runner.scores(model, runner.config.scoring["harm"], "harm"))
+    util_file = TensorFile(runner.scores(model, util_data, "utility"))
     harm_set = select(harm_file, None, q, 0.0)
     util_set = select(util_file, None, q, 0.0)
     util_method = str(util_file.metadata["method"])

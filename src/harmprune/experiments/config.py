@@ -21,10 +21,13 @@ resolved against the config file's directory first, then the current directory.
     prefill_tokens = 10       # or prefix = "Sure, here is"
     refusal_judge = "refusal" # answers it marks as refusals are dropped ("none": keep all)
 
-    [scoring]                 # how scores are computed (once per model × data × method)
-    method = "signed-snip"
+    [scoring]                 # how scores are computed (once per model × data × method × format)
     harm = "harmful"          # a data set name
     utility = "benign"
+    harm_method = "signed-snip"     # the defaults: the study's B-TAP pair (see SCORING_DEFAULTS)
+    utility_method = "snip"
+    harm_format = "pretrained"      # or "chat", "raw", "model" (each model's own [models.X] format)
+    utility_format = "pretrained"
 
     [selection]
     q = [1e-4, 1e-3]
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from harmprune.errors import ConfigError
+from harmprune.formatting import PROMPT_FORMATS
 
 TOP_KEYS = {"name", "seed", "dtype", "device", "models", "data", "scoring", "selection", "evaluations",
             "experiments", "report"}
@@ -57,7 +61,13 @@ DATA_KEYS = {"path", "prompt_field", "response_field", "category_field", "catego
 SELF_GENERATED_KEYS = {"self_generated", "from", "prefix", "prefill_tokens", "prefill_from", "refusal_judge",
                        "max_new_tokens", "batch_size", "score_prefix"}
 SCORE_ONLY_DATA_KEYS = {"utility_data", "benign_task_data", "prune_data"}  # experiment keys only scored
-SCORING_KEYS = {"method", "harm", "utility", "max_length", "batch_size", "modules", "format"}
+SCORING_KEYS = {"method", "harm_method", "utility_method", "format", "harm_format", "utility_format", "harm",
+                "utility", "max_length", "batch_size", "modules"}
+# The study's recipe (B-TAP): signed SNIP for the harm set, absolute SNIP for the utility set, both scored in the
+# "pretrained" prompt format. ``method`` / ``format`` set both roles at once; the per-role keys override them.
+SCORING_DEFAULTS = {"harm_method": "signed-snip", "utility_method": "snip", "harm_format": "pretrained",
+                    "utility_format": "pretrained"}
+SCORING_FORMATS = {*PROMPT_FORMATS, "model"}  # "model": the scored model's own [models.X] format
 SELECTION_KEYS = {"q", "p", "granularity"}
 METHODS = {"signed-snip", "snip", "wanda", "magnitude"}
 GRANULARITIES = {"matrix", "row", "global"}
@@ -165,8 +175,8 @@ def _model(name: str, t: Any, base: Path, where: str) -> ModelSpec:
     if "path" not in t:
         raise ConfigError(f"{where}: models.{name}.path is missing")
     fmt = t.get("format", "chat")
-    if fmt not in ("chat", "raw"):
-        raise ConfigError(f"{where}: models.{name}.format must be 'chat' or 'raw', got {fmt!r}")
+    if fmt not in PROMPT_FORMATS:
+        raise ConfigError(f"{where}: models.{name}.format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}")
     path = _maybe_local(t["path"], base)
     return ModelSpec(name, path, fmt, t.get("dtype"), bool(t.get("aligned", True)), t.get("label"))
 
@@ -244,11 +254,22 @@ def _check_self_generated(data: dict[str, DataSpec], where: str) -> None:
 
 
 def _scoring(t: dict[str, Any], data: dict[str, DataSpec], where: str) -> dict[str, Any]:
+    """The scoring table with every role's method and format resolved (``harm_method``, ``utility_format``, ...)."""
     _check_keys(t, SCORING_KEYS, "scoring.", where)
-    out = {"method": "signed-snip", "max_length": 256, "batch_size": 4, "modules": None, **t}
-    for m in _as_list(out["method"]):
-        if m not in METHODS:
-            raise ConfigError(f"{where}: scoring.method {m!r} is not one of {sorted(METHODS)}")
+    out = {"max_length": 256, "batch_size": 4, "modules": None, **t}
+    for kind, allowed in (("method", METHODS), ("format", SCORING_FORMATS)):
+        shared = t.get(kind)
+        if shared is not None and (not isinstance(shared, str) or shared not in allowed):
+            raise ConfigError(f"{where}: scoring.{kind} {shared!r} is not one of {sorted(allowed)}")
+        for role in ("harm", "utility"):
+            key = f"{role}_{kind}"
+            value = t.get(key)
+            if value is not None and (not isinstance(value, str) or value not in allowed):
+                raise ConfigError(f"{where}: scoring.{key} {value!r} is not one of {sorted(allowed)}")
+            if value is not None and shared is not None and value != shared:
+                raise ConfigError(f"{where}: scoring.{kind} = {shared!r} and scoring.{key} = {value!r} disagree; "
+                                  f"give one of them (the per-role key for a per-role choice)")
+            out[key] = value or shared or SCORING_DEFAULTS[key]
     for key in ("harm", "utility"):
         if key in out and out[key] not in data:
             raise ConfigError(f"{where}: scoring.{key} names unknown data set {out[key]!r}")

@@ -57,7 +57,7 @@ def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[st
 
     harm_mask = runner.mask(model, q, p)
     if "benign-task" in kinds and params.get("benign_task_data"):
-        runner.prefetch([StageCall.of("scores", model, params.get("benign_task_data"))])
+        runner.prefetch([StageCall.of("scores", model, params.get("benign_task_data"), "harm")])
     control_masks = {(kind, seed): runner.control(harm_mask, kind, seed, model, params.get("benign_task_data"))
                      for kind in kinds for seed in ([0] if kind == "benign-task" else seeds)}
     runner.prefetch([StageCall.of("evaluate", model, e, m)

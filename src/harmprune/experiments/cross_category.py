@@ -68,8 +68,8 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
     calib = {a: runner.records_subset(harm_data, a) for a in cats}
     pair_calib = {(a, b): calibration_data(runner, calib[a], b, params) if a != b else calib[a]
                   for a in cats for b in cats}
-    runner.prefetch([StageCall.of("scores", model, d) for d in dict.fromkeys([*pair_calib.values(), utility_data])
-                     if d])
+    runner.prefetch([StageCall.of("scores", model, d, "harm") for d in dict.fromkeys(pair_calib.values())]
+                    + ([StageCall.of("scores", model, utility_data, "utility")] if utility_data else []))
     pair_mask = {ab: runner.mask(model, q, p, harm_data=d, utility_data=utility_data) for ab, d in pair_calib.items()}
     masks = {a: pair_mask[(a, a)] for a in cats}
     runner.prefetch([StageCall.of("evaluate", model, evals[b], m) for b in cats

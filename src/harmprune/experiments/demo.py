@@ -47,8 +47,10 @@ n_examples = {n_eval}
 path = "{organism}/data/benign_test.jsonl"
 n_examples = {n_eval}
 
+# The demo keeps its documented recipe: signed SNIP for both sets, each model in its own format.
 [scoring]
 method = "signed-snip"
+format = "model"
 harm = "harmful_train"
 utility = "benign_train"
 max_length = 128

@@ -2,7 +2,7 @@
 
 Each stage's output lives under ``RUN/stages/<kind>/<key>/`` where ``key`` is a content hash of everything the
 stage depends on (model weights, data records, parameters, upstream outputs). A stage whose output exists is not
-run again: scores are computed once per (model, data, method) and reused by every point of a sweep, a finished
+run again: scores are computed once per (model, data, method, format) and reused by every point of a sweep, a finished
 config recomputes nothing, and a run killed at any moment resumes at the stage it was in (outputs are written
 atomically, so a stage is either complete or absent).
 """
@@ -48,7 +48,7 @@ class Runner:
         self.executor = executor or LocalExecutor()
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.out / "results.sqlite")
+        self.store = Store(self.out / "results.sqlite", recipe_of_model=self.recipe_label)
         self._records: dict[str, list[Record]] = {}
         self._model_hashes: dict[str, str] = {}
         self._loaded: tuple[str, Any, Any] | None = None
@@ -165,14 +165,35 @@ class Runner:
         self.stats["computed"] += 1
         return final
 
-    def scores(self, model_name: str, data_name: str, method: str | None = None) -> Path:
-        """Score file of ``model`` on ``data`` (computed once, reused by every selection)."""
+    def recipe(self, model_name: str, role: str = "harm") -> tuple[str, str]:
+        """(method, prompt format) the config scores ``role``'s ("harm" or "utility") data with on ``model``.
+
+        The format ``"model"`` resolves to the model's own ``[models.X] format``.
+        """
+        if role not in ("harm", "utility"):
+            raise ValueError(f"scoring role must be 'harm' or 'utility', not {role!r}")
+        sc = self.config.scoring
+        fmt = sc[f"{role}_format"]
+        return sc[f"{role}_method"], self.model_format(model_name) if fmt == "model" else fmt
+
+    def recipe_label(self, model_name: str) -> str:
+        """The run's scoring recipe in one line, e.g. ``harm=signed-snip/pretrained utility=snip/pretrained``."""
+        return " ".join(f"{role}={'/'.join(self.recipe(model_name, role))}" for role in ("harm", "utility"))
+
+    def scores(self, model_name: str, data_name: str, role: str = "harm", *, method: str | None = None,
+               fmt: str | None = None) -> Path:
+        """Score file of ``model`` on ``data`` (computed once, reused by every selection).
+
+        ``role`` picks the config's method and format for the harm or the utility set; ``method`` / ``fmt``
+        override them. The cache key holds the method and the resolved format, not the role, so the same data
+        scored the same way is one file whichever role asks for it.
+        """
         from harmprune.attribution import compute_scores, save_scores
 
         data_name = self.data_for(model_name, data_name)
         sc = self.config.scoring
-        method = method or _first(sc["method"])
-        fmt = sc.get("format") or self.model_format(model_name)
+        role_method, role_fmt = self.recipe(model_name, role)
+        method, fmt = method or role_method, fmt or role_fmt
         params = {"model": self.model_hash(model_name), "data": self.data_hash(data_name), "method": method,
                   "format": fmt, "max_length": sc["max_length"], "modules": sc["modules"]}
         if method == "magnitude":
@@ -189,8 +210,8 @@ class Runner:
         return self.stage("scores", params, build, "scores.safetensors") / "scores.safetensors"
 
     def mask(self, model_name: str, q: float, p: float, *, harm_data: str | None = None,
-             utility_data: str | None = None, method: str | None = None, granularity: str | None = None) -> Path:
-        """Harm set (top-q) minus utility set (top-p) for ``model``."""
+             utility_data: str | None = None, granularity: str | None = None) -> Path:
+        """Harm set (top-q) minus utility set (top-p) for ``model``, each set scored with its role's recipe."""
         from harmprune.selection import save_mask, select
         from harmprune.tensorfile import TensorFile
 
@@ -198,15 +219,18 @@ class Runner:
         harm_data = harm_data or sc["harm"]
         utility_data = utility_data if utility_data is not None else sc.get("utility")
         granularity = granularity or self.config.selection["granularity"]
-        harm = self.scores(model_name, harm_data, method)
-        util = self.scores(model_name, utility_data, method) if utility_data and p > 0 else None
+        harm = self.scores(model_name, harm_data, "harm")
+        util = self.scores(model_name, utility_data, "utility") if utility_data and p > 0 else None
         params = {"harm": sha256_file(harm), "utility": sha256_file(util) if util else None, "q": q, "p": p,
                   "granularity": granularity}
 
         def build(d: Path) -> None:
-            mask = select(TensorFile(harm), TensorFile(util) if util else None, q, p, granularity)
+            harm_file, util_file = TensorFile(harm), TensorFile(util) if util else None
+            mask = select(harm_file, util_file, q, p, granularity)
             save_mask(mask, d / "mask.safetensors", harm_file=str(harm), utility_file=str(util or ""),
-                      harm_sha256=params["harm"], utility_sha256=params["utility"] or "")
+                      harm_sha256=params["harm"], utility_sha256=params["utility"] or "",
+                      harm_format=str(harm_file.metadata.get("prompt_format", "")),
+                      utility_format=str(util_file.metadata.get("prompt_format", "")) if util_file else "")
 
         return self.stage("mask", params, build, "mask.safetensors") / "mask.safetensors"
 
@@ -222,7 +246,7 @@ class Runner:
         if kind == "benign-task":
             if not benign_data:
                 raise ValueError("a benign-task control needs benign_data")
-            benign_scores = self.scores(model_name, benign_data)
+            benign_scores = self.scores(model_name, benign_data, "harm")  # the harm set's recipe, other data
             params["benign_scores"] = sha256_file(benign_scores)
 
         def build(d: Path) -> None:

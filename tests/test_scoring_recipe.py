@@ -1,0 +1,108 @@
+"""Per-role scoring recipes in configs: each set names its method and prompt format; defaults are the study's."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from harmprune.errors import ConfigError
+from harmprune.experiments import load_checked_config
+from harmprune.experiments.runner import Runner
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+BASE = """
+name = "r"
+[models.chatty]
+path = "chatty"
+[models.plain]
+path = "plain"
+format = "raw"
+aligned = false
+[data.harmful]
+path = "harm.jsonl"
+[data.benign]
+path = "benign.jsonl"
+[scoring]
+harm = "harmful"
+utility = "benign"
+{scoring}
+"""
+
+
+def _config(tmp_path: Path, scoring: str, name: str = "c.toml"):
+    (tmp_path / "harm.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    (tmp_path / "benign.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    path = tmp_path / name
+    path.write_text(BASE.format(scoring=scoring))
+    return load_checked_config(path)
+
+
+def _roles(cfg) -> dict[str, str]:
+    return {k: cfg.scoring[k] for k in ("harm_method", "utility_method", "harm_format", "utility_format")}
+
+
+@pytest.mark.parametrize("scoring, expected", [
+    ("", ("signed-snip", "snip", "pretrained", "pretrained")),  # the study's B-TAP pair
+    ('method = "snip"', ("snip", "snip", "pretrained", "pretrained")),  # one method means both roles
+    ('method = "signed-snip"\nformat = "chat"', ("signed-snip", "signed-snip", "chat", "chat")),
+    ('harm_method = "wanda"\nutility_format = "raw"', ("wanda", "snip", "pretrained", "raw")),
+    ('method = "snip"\nharm_method = "snip"', ("snip", "snip", "pretrained", "pretrained")),  # agreeing is fine
+    ('format = "model"\nharm_format = "model"', ("signed-snip", "snip", "model", "model")),
+])
+def test_per_role_methods_and_formats_resolve(tmp_path, scoring, expected):
+    cfg = _config(tmp_path, scoring)
+    assert tuple(_roles(cfg).values()) == expected
+
+
+@pytest.mark.parametrize("scoring, message", [
+    ('method = "snip"\nharm_method = "signed-snip"',
+     "scoring.method = 'snip' and scoring.harm_method = 'signed-snip' disagree"),
+    ('format = "chat"\nutility_format = "pretrained"',
+     "scoring.format = 'chat' and scoring.utility_format = 'pretrained' disagree"),
+    ('utility_method = "snap"', "scoring.utility_method 'snap' is not one of"),
+    ('harm_format = "xml"', "scoring.harm_format 'xml' is not one of"),
+    ('method = ["snip", "wanda"]', "scoring.method ['snip', 'wanda'] is not one of"),
+])
+def test_bad_or_conflicting_recipe_is_a_config_error(tmp_path, scoring, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        _config(tmp_path, scoring)
+
+
+def test_model_format_resolves_per_model_and_labels_the_recipe(tmp_path):
+    cfg = _config(tmp_path, 'format = "model"\nutility_method = "snip"\nharm_method = "signed-snip"')
+    runner = Runner(cfg, tmp_path / "run")
+    assert runner.recipe("chatty", "harm") == ("signed-snip", "chat")
+    assert runner.recipe("plain", "utility") == ("snip", "raw")
+    assert runner.recipe_label("plain") == "harm=signed-snip/raw utility=snip/raw"
+    default = Runner(_config(tmp_path, "", "d.toml"), tmp_path / "run2")
+    assert default.recipe_label("chatty") == "harm=signed-snip/pretrained utility=snip/pretrained"
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not present")
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_keep_their_score_cache_keys(config, monkeypatch):
+    """A config written before per-role scoring (one ``method``, each model in its own format) gets the same
+    ``scores`` stage parameters, hence the same cache key, as the code before this change computed:
+    ``{model, data, method = scoring.method, format = the model's format, max_length, modules}``."""
+    cfg = load_checked_config(config)
+    if "method" not in cfg.raw.get("scoring", {}):
+        pytest.skip("a per-role (btap) or default-recipe config: no earlier key to keep")
+    captured = []
+    monkeypatch.setattr(Runner, "model_hash", lambda self, m: f"hash-of-{m}")
+    monkeypatch.setattr(Runner, "data_hash", lambda self, d: f"hash-of-{d}")
+    monkeypatch.setattr(Runner, "stage", lambda self, kind, params, build, done: captured.append(params) or Path("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner(cfg, tmp)
+        sc = cfg.scoring
+        for model, spec in cfg.models.items():
+            for role, data in (("harm", sc["harm"]), ("utility", sc["utility"])):
+                captured.clear()
+                runner.scores(model, data, role)
+                old = {"model": f"hash-of-{model}", "data": f"hash-of-{data}", "method": cfg.raw["scoring"]["method"],
+                       "format": spec.format, "max_length": sc["max_length"], "modules": sc["modules"]}
+                assert captured == [old]
