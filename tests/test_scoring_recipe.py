@@ -106,3 +106,43 @@ def test_shipped_configs_keep_their_score_cache_keys(config, monkeypatch):
                 old = {"model": f"hash-of-{model}", "data": f"hash-of-{data}", "method": cfg.raw["scoring"]["method"],
                        "format": spec.format, "max_length": sc["max_length"], "modules": sc["modules"]}
                 assert captured == [old]
+
+
+def test_select_reads_each_files_method_and_a_flag_overrides_it(tmp_path, capsys):
+    import torch
+
+    from harmprune.cli import main
+    from harmprune.selection import load_mask
+    from harmprune.tensorfile import save_tensors
+
+    harm = torch.tensor([[-5.0, 4.0, -1.0, 3.0], [0.5, -3.0, 2.0, -0.1]])  # most negative: 0, 5, 2
+    util = torch.tensor([[0.1, 0.2, 9.0, 0.3], [0.4, 0.5, 0.6, 0.7]])  # largest: 2
+    save_tensors({"w": harm}, tmp_path / "h.safetensors", {"method": "signed-snip", "prompt_format": "pretrained"})
+    save_tensors({"w": util}, tmp_path / "u.safetensors", {"method": "snip", "prompt_format": "chat"})
+
+    def select(*extra):
+        out = tmp_path / f"m{len(extra)}.safetensors"
+        assert main(["select", "--harm", str(tmp_path / "h.safetensors"), "--utility", str(tmp_path / "u.safetensors"),
+                     "--q", "0.375", "--p", "0.125", "--out", str(out), *extra]) == 0
+        return load_mask(out), capsys.readouterr().out
+
+    mask, printed = select()
+    assert mask.indices["w"].tolist() == [0, 5]  # {0, 5, 2} minus {2}
+    assert (mask.metadata["harm_method"], mask.metadata["utility_method"]) == ("signed-snip", "snip")
+    assert (mask.metadata["harm_format"], mask.metadata["utility_format"]) == ("pretrained", "chat")
+    assert "harm signed-snip/pretrained, utility snip/chat" in printed
+    mask, _ = select("--harm-method", "snip")  # read as an absolute score: largest first: 1, 3, 6
+    assert mask.indices["w"].tolist() == [1, 3, 6] and mask.metadata["harm_method"] == "snip"
+
+
+def test_pretrained_format_is_prompt_newline_response_without_bos():
+    from harmprune.formatting import collate_for_loss, encode_pair
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer()  # character-level; adds BOS to raw text
+    enc = encode_pair(tok, "hi there", "ok.", "pretrained")
+    chars = [tok.convert_tokens_to_ids(c) for c in "hi there\nok."]
+    assert enc.input_ids == chars and enc.n_prompt == len("hi there\n")  # no BOS, the newline ends the prompt
+    assert encode_pair(tok, "hi there", "ok.", "raw").input_ids[0] == tok.bos_token_id  # raw keeps BOS
+    labels = collate_for_loss([enc], pad_id=0)["labels"][0]
+    assert tok.decode(labels[labels != -100]) == "ok."  # the loss covers exactly the response's own tokens

@@ -41,7 +41,7 @@ from harmprune.distributed import (
 )
 from harmprune.errors import HarmpruneError
 from harmprune.formatting import IGNORE_INDEX, PromptFormat, collate_for_loss, encode_pair, pad_id_of
-from harmprune.formatting import per_example_response_nll, response_nll
+from harmprune.formatting import per_example_response_nll, plain_lm_head, response_nll
 from harmprune.models import model_id
 from harmprune.tensorfile import TensorFile, save_tensors
 
@@ -132,12 +132,19 @@ def compute_scores(
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
     show = progress and (ctx is None or ctx.is_main)
+
+    def collate(chosen: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in collate_for_loss([encoded[i] for i in chosen], pad).items()}
+
+    if method != "wanda" and not sharded and batches:
+        # The loss's one-time head check runs forwards of its own: run it before any scoring hook exists, so no
+        # hook ever sees a forward that is not a scoring pass (whatever this model ran before, in any order).
+        plain_lm_head(model, collate(batches[0]))
     with _scoring_mode(model, params, method, checkpointing=gradient_checkpointing):
         with collector(model, params, accumulators, reduce_rows) as hooks:
             for j in tqdm(range(n_passes), desc=f"scoring ({method})", disable=not show, unit="batch"):
                 real = j < len(batches)
-                chosen = batches[j] if real else order[:1]
-                batch = {k: v.to(device) for k, v in collate_for_loss([encoded[i] for i in chosen], pad).items()}
+                batch = collate(batches[j] if real else order[:1])
                 response = batch["labels"] != IGNORE_INDEX
                 n_tokens += int(response.sum()) if real else 0
                 hooks.begin_batch(response if real else torch.zeros_like(response))
@@ -342,6 +349,8 @@ class _AbsExampleGradientSum(_Collector):
         acc = self.acc[name]
 
         def forward_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not torch.is_grad_enabled():
+                return  # a no-grad forward (a check, an evaluation) has no backward whose gradients to collect
             x = inputs[0].detach()
 
             def grad_hook(delta: torch.Tensor) -> None:
@@ -355,17 +364,30 @@ class _AbsExampleGradientSum(_Collector):
 
 
 class _InputNormSum(_Collector):
-    """wanda: Σ over response positions of X_k², per input feature k of each Linear layer."""
+    """wanda: Σ over response positions of X_k², per input feature k of each Linear layer.
+
+    Its forwards run without grad, so a stray forward cannot be told apart by grad mode: each layer counts one
+    forward per batch, and a second one (anything else run while the hooks are installed) is an error rather
+    than a silently doubled sum.
+    """
 
     def install(self) -> None:
+        self._counted: set[str] = set()
         for name, module in self._modules():
             handle = module.register_forward_hook(self._forward_hook(name))
             self._stack.callback(handle.remove)
+
+    def begin_batch(self, response_mask: torch.Tensor) -> None:
+        super().begin_batch(response_mask)
+        self._counted = set()
 
     def _forward_hook(self, name: str):
         sq = self.acc[name]
 
         def forward_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if name in self._counted:
+                raise RuntimeError(f"wanda: a second forward through {name} within one scoring batch")
+            self._counted.add(name)
             x = inputs[0].detach()
             mask = self.response_mask.to(x.device)
             sq.add_(x[mask].float().pow(2).sum(dim=0))

@@ -33,8 +33,10 @@ def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
     first = per_model[models[0]]
     if first.get("operating_point"):
         op = first["operating_point"]
-        headline = {"harm_reduction": op["harm_reduction"], "utility_drop": op["utility_drop"],
-                    "fraction_pruned": op["fraction_pruned"], "operating_q": op["q"], "operating_p": op["p"]}
+        headline = {"harm_reduction": op["harm_reduction"], "fraction_pruned": op["fraction_pruned"],
+                    "operating_q": op["q"], "operating_p": op["p"]}
+        if "utility_drop" in op:  # absent when the experiment has no utility evaluation
+            headline["utility_drop"] = op["utility_drop"]
     return {"models": per_model, "headline": headline}
 
 
