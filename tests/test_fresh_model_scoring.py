@@ -88,16 +88,24 @@ def fresh(tmp_path):
     return tmp_path, model, tok
 
 
-@pytest.mark.parametrize("method, batch_size", [("snip", 1), ("snip", 3), ("signed-snip", 2), ("wanda", 2),
-                                                ("magnitude", 2)])
-def test_cli_scores_a_fresh_model_in_a_fresh_process(fresh, method, batch_size):
+@pytest.mark.parametrize("method, batch_size, fresh_process", [
+    ("snip", 1, False), ("snip", 3, True), ("signed-snip", 2, True), ("wanda", 2, True), ("magnitude", 2, True)])
+def test_cli_scores_a_fresh_model(fresh, method, batch_size, fresh_process):
+    """Every method in its own ``python -m harmprune score`` process; snip at batch size 1 also through the CLI
+    in this process (the model is loaded from disk, never run: the state the bug needed)."""
     d, model, tok = fresh
     out = d / f"{method}.safetensors"
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "harmprune", "score", "--model", str(d / "model"), "--data",
-                           str(d / "pairs.jsonl"), "--method", method, "--out", str(out), "--batch-size",
-                           str(batch_size), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = ["score", "--model", str(d / "model"), "--data", str(d / "pairs.jsonl"), "--method", method,
+            "--out", str(out), "--batch-size", str(batch_size), "--device", "cpu"]
+    if fresh_process:
+        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "harmprune", *argv], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        from harmprune.cli import main
+
+        assert main(argv) == 0
     f = TensorFile(out)
     assert f.metadata["method"] == method
     if method != "magnitude":
