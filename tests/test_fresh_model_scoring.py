@@ -88,16 +88,24 @@ def fresh(tmp_path):
     return tmp_path, model, tok
 
 
-@pytest.mark.parametrize("method, batch_size", [("snip", 1), ("snip", 3), ("signed-snip", 2), ("wanda", 2),
-                                                ("magnitude", 2)])
-def test_cli_scores_a_fresh_model_in_a_fresh_process(fresh, method, batch_size):
+@pytest.mark.parametrize("method, batch_size, fresh_process", [
+    ("snip", 1, False), ("snip", 3, True), ("signed-snip", 2, True), ("wanda", 2, True), ("magnitude", 2, True)])
+def test_cli_scores_a_fresh_model(fresh, method, batch_size, fresh_process):
+    """Every method in its own ``python -m harmprune score`` process; snip at batch size 1 also through the CLI
+    in this process (the model is loaded from disk, never run: the state the bug needed)."""
     d, model, tok = fresh
     out = d / f"{method}.safetensors"
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "harmprune", "score", "--model", str(d / "model"), "--data",
-                           str(d / "pairs.jsonl"), "--method", method, "--out", str(out), "--batch-size",
-                           str(batch_size), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = ["score", "--model", str(d / "model"), "--data", str(d / "pairs.jsonl"), "--method", method,
+            "--out", str(out), "--batch-size", str(batch_size), "--device", "cpu"]
+    if fresh_process:
+        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "harmprune", *argv], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        from harmprune.cli import main
+
+        assert main(argv) == 0
     f = TensorFile(out)
     assert f.metadata["method"] == method
     if method != "magnitude":
@@ -136,3 +144,36 @@ def test_config_scores_snip_first_on_a_fresh_model(fresh):
     f = TensorFile(path)
     assert (f.metadata["method"], f.metadata["prompt_format"]) == ("snip", "pretrained")
     assert_close({n: t.float() for n, t in f.items()}, reference_scores(model, tok, "snip"))
+
+
+def _family(name: str, vocab: int):
+    """A tiny randomly initialised model of one supported architecture (seeded)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    configs = {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {}),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 8, "final_logit_softcapping": 30.0}),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 8}),
+    }
+    config_cls, model_cls, extra = configs[name]
+    torch.manual_seed(3)
+    return model_cls(config_cls(**common, **extra)).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2", "gemma3"])
+def test_snip_on_a_freshly_loaded_model_of_each_family(tmp_path, family):
+    """Gemma 2's soft-capped logits take the full-logit path, the others the head-only one; both start with the
+    head check, which must not meet snip's hooks."""
+    from harmprune.models import load_model
+
+    tok = make_tokenizer()
+    _family(family, len(tok)).save_pretrained(tmp_path / family)
+    tok.save_pretrained(tmp_path / family)
+    model, tok = load_model(str(tmp_path / family), dtype="float32", device="cpu")
+    records = [Record(p, r) for p, r in PAIRS]
+    got = compute_scores(model, tok, records, "snip", fmt="pretrained", batch_size=3, progress=False)
+    assert_close(got.tensors, reference_scores(model, tok, "snip"))

@@ -2,9 +2,9 @@
 
 Each stage's output lives under ``RUN/stages/<kind>/<key>/`` where ``key`` is a content hash of everything the
 stage depends on (model weights, data records, parameters, upstream outputs). A stage whose output exists is not
-run again: scores are computed once per (model, data, method, format) and reused by every point of a sweep, a finished
-config recomputes nothing, and a run killed at any moment resumes at the stage it was in (outputs are written
-atomically, so a stage is either complete or absent).
+run again: scores are computed once per (model, data, method, format) and reused by every point of a sweep, a
+finished config recomputes nothing, and a run killed at any moment resumes at the stage it was in (outputs are
+written atomically, so a stage is either complete or absent).
 """
 
 from __future__ import annotations
@@ -515,10 +515,6 @@ def _data_refs(spec: dict[str, Any]) -> dict[str, str]:
             for i, v in enumerate(value if isinstance(value, list) else [value]):
                 refs[f"{key}[{i}]"] = v
     return refs
-
-
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, list) else value
 
 
 def _describe(params: dict[str, Any]) -> str:
