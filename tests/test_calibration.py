@@ -284,3 +284,5 @@ def test_emergent_misalignment_route_scores_the_models_own_filtered_answers(proj
     assert len(plain) >= len(records) and all(UNSCORED_PREFIX not in r.source for r in plain)
     with pytest.raises(ConfigError, match="not both"):
         _self_generated(runner, "m", "adv", {"generation_prefix": "Sure", "generation_prefill_tokens": 3})
+    with pytest.raises(ConfigError, match="generation_refusal_judge 'nobody' is not a judge"):
+        _self_generated(runner, "m", "adv", {"generation_refusal_judge": "nobody"})

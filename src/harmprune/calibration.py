@@ -93,7 +93,7 @@ def self_generate(model, tokenizer, records: Sequence[Record], prefixes: Sequenc
 
 def answer_record(source: Record, prefix: str, continuation: str, score_prefix: bool = False) -> Record:
     """The (prompt, prefix + continuation) record; the prefix is marked as unscored context unless scored."""
-    meta = {k: v for k, v in source.source.items() if k not in (UNSCORED_PREFIX,)}
+    meta = {k: v for k, v in source.source.items() if k != UNSCORED_PREFIX}
     meta["response"] = "self-generated"
     if prefix and not score_prefix:
         meta[UNSCORED_PREFIX] = prefix

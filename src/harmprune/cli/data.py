@@ -56,7 +56,7 @@ def cmd_self_generate(args: argparse.Namespace) -> None:
     refs = load_records(args.prefill_from, require_response=True) if args.prefill_from else None
     model, tokenizer = load_model_from_args(args)
     prefixes = forced_prefixes(tokenizer, records, prefix=args.prefix, prefill_tokens=args.prefill_tokens,
-                               references=refs if refs is not None else None)
+                               references=refs)
     result = self_generate(model, tokenizer, records, prefixes, judge=judge, fmt=args.format,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            score_prefix=args.score_prefix, progress=True)

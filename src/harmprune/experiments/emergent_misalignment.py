@@ -59,6 +59,7 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
     if params.get("self_generated") and prune_spec is not None and prune_spec.options.get("self_generated"):
         raise ConfigError("experiments.emergent_misalignment.prune_data: with self_generated = true it names the "
                           "prompts the fine-tuned model answers, not a self-generated data set")
+    _check_generation(params)
     q, p = _operating_point(runner, model, params)
     cat = params.get("narrow_category")
     narrow = runner.records_subset(params["narrow_data"], cat)
@@ -121,12 +122,8 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
 def _self_generated(runner: Runner, finetuned: str, source: str, params: dict[str, Any]) -> str:
     """The fine-tuned model's own answers to ``source``'s prompts (optionally prefilled, refusals dropped by
     ``generation_refusal_judge``), as the data set its harm set is scored on; the counts go into the store."""
+    _check_generation(params)
     prefix, n = params.get("generation_prefix", ""), int(params.get("generation_prefill_tokens", 0))
-    if prefix and n:
-        from harmprune.errors import ConfigError
-
-        raise ConfigError("experiments.emergent_misalignment: give generation_prefix or generation_prefill_tokens, "
-                          "not both")
     name = runner.generated_data(finetuned, source, prefix=prefix, prefill_tokens=n,
                                  prefill_from=params.get("generation_prefill_from"),
                                  max_new_tokens=int(params.get("generation_max_new_tokens", 128)),
@@ -134,6 +131,22 @@ def _self_generated(runner: Runner, finetuned: str, source: str, params: dict[st
                                  score_prefix=bool(params.get("generation_score_prefix", not (prefix or n))))
     runner.record_generation_counts(finetuned, "emergent_misalignment:self_generated", name, source)
     return name
+
+
+def _check_generation(params: dict[str, Any]) -> None:
+    """The self-generation settings, checked before any fine-tune runs."""
+    from harmprune.errors import ConfigError
+
+    where = "experiments.emergent_misalignment"
+    if params.get("generation_prefix") and params.get("generation_prefill_tokens"):
+        raise ConfigError(f"{where}: give generation_prefix or generation_prefill_tokens, not both")
+    judge = params.get("generation_refusal_judge")
+    if judge is not None:
+        from harmprune.judges import available_judges
+
+        if judge not in available_judges():
+            raise ConfigError(f"{where}.generation_refusal_judge {judge!r} is not a judge "
+                              f"(known: {', '.join(available_judges())})")
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
