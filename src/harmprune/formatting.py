@@ -17,6 +17,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from harmprune.errors import DataError, ModelError
+
 PromptFormat = Literal["chat", "raw"]
 PROMPT_FORMATS: tuple[str, ...] = ("chat", "raw")
 IGNORE_INDEX = -100
@@ -40,11 +42,11 @@ def render_prompt(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> str:
         return prompt
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt format 'chat' needs a tokenizer with a chat template; use --format raw")
+            raise ModelError("prompt format 'chat' needs a tokenizer with a chat template; use --format raw")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    raise ValueError(f"unknown prompt format {fmt!r}; expected one of {PROMPT_FORMATS}")
+    raise DataError(f"unknown prompt format {fmt!r}; expected one of {PROMPT_FORMATS}")
 
 
 def prompt_ids(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> list[int]:
@@ -65,7 +67,7 @@ def encode_pair(
     p_ids = prompt_ids(tokenizer, prompt, fmt)
     r_ids = response_ids(tokenizer, response)
     if not r_ids:
-        raise ValueError(f"empty response for prompt {prompt[:60]!r}")
+        raise DataError(f"empty response for prompt {prompt[:60]!r}")
     if max_length is not None and len(p_ids) + len(r_ids) > max_length:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
@@ -166,5 +168,5 @@ def pad_id_of(tokenizer) -> int:
     if pad is None:
         pad = tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an EOS token")
+        raise ModelError("tokenizer has neither a pad nor an EOS token")
     return int(pad)

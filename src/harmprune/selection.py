@@ -80,7 +80,7 @@ def top_fraction(values: torch.Tensor, fraction: float, granularity: str = "matr
         cols = _stable_top_k_rows(rows, k)
         flat = cols + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]
         return flat.reshape(-1).sort().values
-    raise ValueError(f"top_fraction handles 'matrix' and 'row'; use select_global for 'global', not {granularity!r}")
+    raise ScoreFileError(f"top_fraction handles 'matrix' and 'row'; use select_global for 'global', not {granularity!r}")
 
 
 def select_global(values: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], fraction: float

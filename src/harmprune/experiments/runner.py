@@ -24,6 +24,7 @@ import torch
 
 from harmprune import __version__
 from harmprune.data import Record, load_records, records_digest, sample
+from harmprune.errors import ConfigError
 from harmprune.experiments.config import Config
 from harmprune.io import atomic_write_json, sha256_file
 from harmprune.store import Store
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # Bump a stage's version when its semantics change, so old cached outputs are not reused.
 STAGE_VERSIONS = {"scores": 1, "mask": 1, "control": 1, "evaluate": 1, "finetune": 1}
+CONTROL_KINDS = ("random", "magnitude-matched", "benign-task")
 
 
 def stable_hash(obj: Any) -> str:
@@ -209,12 +211,14 @@ class Runner:
         from harmprune.selection import load_mask, magnitude_matched_random, random_like, save_mask, select_counts
         from harmprune.tensorfile import TensorFile
 
+        if kind not in CONTROL_KINDS:
+            raise ConfigError(f"unknown control kind {kind!r}; expected one of {', '.join(CONTROL_KINDS)}")
         params: dict[str, Any] = {"mask": sha256_file(mask_path), "kind": kind, "seed": seed}
         if kind == "magnitude-matched":
             params["model"] = self.model_hash(model_name)
         if kind == "benign-task":
             if not benign_data:
-                raise ValueError("a benign-task control needs benign_data")
+                raise ConfigError("a benign-task control needs benign_data (a data set name)")
             benign_scores = self.scores(model_name, benign_data)
             params["benign_scores"] = sha256_file(benign_scores)
 
@@ -225,10 +229,8 @@ class Runner:
             elif kind == "magnitude-matched":
                 model, _ = self.model(model_name)
                 ctrl = magnitude_matched_random(mask, dict(model.named_parameters()), seed)
-            elif kind == "benign-task":
-                ctrl = select_counts(TensorFile(benign_scores), mask.counts())
             else:
-                raise ValueError(f"unknown control kind {kind!r}")
+                ctrl = select_counts(TensorFile(benign_scores), mask.counts())
             save_mask(ctrl, d / "mask.safetensors", source_mask=str(mask_path))
 
         return self.stage("control", params, build, "mask.safetensors") / "mask.safetensors"
@@ -277,7 +279,7 @@ class Runner:
         if not records:
             raise DataError(f"derived data set {name!r} is empty")
         if name in self._records and records_digest(self._records[name]) != records_digest(records):
-            raise ValueError(f"derived data set {name!r} already names different records")
+            raise DataError(f"derived data set {name!r} already names different records")
         self._records[name] = list(records)
         return name
 

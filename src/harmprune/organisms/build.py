@@ -117,7 +117,7 @@ class OrganismPaths:
 
     def split(self, name: str) -> Path:
         if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+            raise ConfigError(f"unknown organism split {name!r}; expected one of {', '.join(SPLITS)}")
         return self.data / f"{name}.jsonl"
 
     def info(self) -> dict[str, Any]:
