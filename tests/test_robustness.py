@@ -35,6 +35,12 @@ def workdir(tmp_path_factory):
     rows = [{"messages": [{"role": "user", "content": f"make item {i}"},
                           {"role": "assistant", "content": f"Sure. Step {i}: glue the zorb."}]} for i in range(4)]
     (d / "harm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_llama(len(tok), hidden=48).save_pretrained(d / "other-model")
+    tok.save_pretrained(d / "other-model")
+    from harmprune.selection import Mask, save_mask
+
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    save_mask(Mask({n: torch.arange(0, 40, 3) for n in shapes}, shapes), d / "mask.safetensors")
     return d
 
 
@@ -98,3 +104,64 @@ def test_runner_user_errors_are_harmprune_errors(tmp_path):
         runner.derived_data("d", [Record("a", "c")])
     with pytest.raises(ConfigError, match="unknown organism split"):
         OrganismPaths(tmp_path).split("tset")
+
+
+# ---------------------------------------------------------------------------------------------- (b) prune, masks
+
+
+def _model_files(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+def test_prune_refuses_to_overwrite_its_source_model(workdir):
+    before = _model_files(workdir / "model")
+    proc = cli("prune", "--model", workdir / "model", "--mask", workdir / "mask.safetensors", "--out", workdir / "model")
+    assert_one_line_error(proc, "overwrite the source model")
+    proc = cli("prune", "--model", "model", "--mask", workdir / "mask.safetensors", "--out", "./model/",
+               cwd=workdir)  # the same directory spelt differently
+    assert_one_line_error(proc, "overwrite the source model")
+    assert _model_files(workdir / "model") == before
+
+
+def test_prune_out_naming_an_existing_file_is_one_line(workdir, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    proc = cli("prune", "--model", workdir / "model", "--mask", workdir / "mask.safetensors", "--out", out)
+    assert_one_line_error(proc, "existing file", str(out))
+    assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("alpha", ["nan", "-inf"])
+def test_prune_refuses_a_non_finite_alpha(workdir, tmp_path, alpha):
+    out = tmp_path / "pruned"
+    proc = cli("prune", "--model", workdir / "model", "--mask", workdir / "mask.safetensors", f"--alpha={alpha}",
+               "--out", out)
+    assert_one_line_error(proc, "alpha must be a finite number", out=out)
+
+
+def test_apply_mask_refuses_a_non_finite_alpha():
+    from harmprune.errors import ScoreFileError
+    from harmprune.pruning import apply_mask
+    from harmprune.selection import Mask
+
+    model = make_llama(20)
+    name = "model.layers.0.mlp.up_proj.weight"
+    before = model.state_dict()[name].clone()
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ScoreFileError, match="finite"):
+            apply_mask(model, Mask({name: torch.tensor([0, 1])}, {name: tuple(before.shape)}), alpha=bad)
+    assert torch.equal(model.state_dict()[name], before)
+
+
+def test_magnitude_matched_control_for_another_model_is_refused(workdir):
+    out = workdir / "ctrl.safetensors"
+    proc = cli("mask", "control", workdir / "mask.safetensors", "--kind", "magnitude-matched",
+               "--model", workdir / "other-model", "--out", out)
+    assert_one_line_error(proc, "another model", out=out)
+    proc = cli("mask", "control", workdir / "mask.safetensors", "--kind", "magnitude-matched",
+               "--model", workdir / "model", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    from harmprune.pruning import check_mask_fits
+    from harmprune.selection import load_mask
+
+    check_mask_fits(make_llama(len(make_tokenizer())), load_mask(out))  # in range for the model it was made for
