@@ -41,6 +41,7 @@ def workdir(tmp_path_factory):
 
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n.endswith("proj.weight")}
     save_mask(Mask({n: torch.arange(0, 40, 3) for n in shapes}, shapes), d / "mask.safetensors")
+    (d / "org").mkdir()
     return d
 
 
@@ -165,3 +166,93 @@ def test_magnitude_matched_control_for_another_model_is_refused(workdir):
     from harmprune.selection import load_mask
 
     check_mask_fits(make_llama(len(make_tokenizer())), load_mask(out))  # in range for the model it was made for
+
+
+# ---------------------------------------------------------------------------------------------- (c) data, models
+
+
+def _score(workdir, data, *extra, model=None, cwd=None):
+    out = workdir / "x.safetensors"
+    proc = cli("score", "--model", model or workdir / "model", "--data", data, "--method", "snip", "--out", out,
+               *extra, cwd=cwd)
+    return proc, out
+
+
+def test_jsonl_rows_that_are_not_objects(workdir, tmp_path):
+    (tmp_path / "numbers.jsonl").write_text("1\n2\n")
+    proc, out = _score(workdir, tmp_path / "numbers.jsonl")
+    assert_one_line_error(proc, "numbers.jsonl: line 1", "not an object", out=out)
+
+
+def test_a_null_prompt_is_refused_not_scored_as_none(workdir, tmp_path):
+    from harmprune.data import load_records
+    from harmprune.errors import DataError
+
+    (tmp_path / "null.jsonl").write_text(json.dumps({"prompt": "ok", "response": "fine"}) + "\n"
+                                         + json.dumps({"prompt": None, "response": "Sure."}) + "\n")
+    with pytest.raises(DataError, match="row 1: prompt field 'prompt' is null"):
+        load_records(tmp_path / "null.jsonl")
+    proc, out = _score(workdir, tmp_path / "null.jsonl")
+    assert_one_line_error(proc, "row 1", "null", out=out)
+
+
+def test_max_length_one_is_one_line(workdir):
+    proc, out = _score(workdir, workdir / "harm.jsonl", "--max-length", "1")
+    assert_one_line_error(proc, "max_length must be at least 2", out=out)
+
+
+def test_a_fake_gguf_and_truncated_weights_are_one_line(workdir, tmp_path):
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf file at all" * 10)
+    proc, out = _score(workdir, workdir / "harm.jsonl", model=tmp_path / "fake.gguf")
+    assert_one_line_error(proc, "fake.gguf", "cannot load", out=out)
+    import shutil
+
+    shutil.copytree(workdir / "model", tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc, out = _score(workdir, workdir / "harm.jsonl", model=tmp_path / "cut")
+    assert_one_line_error(proc, "cut", "cannot load", out=out)
+
+
+def test_a_misspelt_relative_path_is_not_taken_for_a_hub_id(workdir):
+    from harmprune.data import _looks_like_hub_id
+    from harmprune.errors import ModelError
+    from harmprune.models import resolve_model
+
+    proc, out = _score(workdir, "harm.jsonl", model="org/alignd", cwd=workdir)
+    assert_one_line_error(proc, "org/alignd", "no such model directory", out=out)
+    proc, out = _score(workdir, "org/harm", cwd=workdir)
+    assert_one_line_error(proc, "org/harm: no such file", out=out)
+    assert resolve_model("someorg/some-model") == "someorg/some-model"  # no local folder: still a hub id
+    assert _looks_like_hub_id("someorg/some-set") and not _looks_like_hub_id("someorg/harm.jsonl")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        with pytest.raises(ModelError, match="no such model directory"):
+            resolve_model("org/alignd")
+    finally:
+        os.chdir(cwd)
+
+
+def test_a_prompt_longer_than_max_length_keeps_the_response(caplog):
+    """Before: the response was cut to one token. Now min(len(response), max_length // 2) tokens stay scored."""
+    from harmprune.data import Record
+    from harmprune.evals.likelihood import harmful_likelihood
+    from harmprune.formatting import encode_pair, response_ids
+
+    tok = make_tokenizer()
+    model = make_llama(len(tok))
+    records = [Record("describe " + "very " * 30 + "long", "glue the zorb."),  # 13 response chars
+               Record("hi", "ok."), Record("tell " + "more " * 40, "x" * 40)]
+    enc = encode_pair(tok, records[0].prompt, records[0].response, "chat", max_length=32)
+    assert len(enc.input_ids) == 32 and enc.n_response == len(response_ids(tok, records[0].response)) == 14
+    assert enc.input_ids[-enc.n_response:] == response_ids(tok, records[0].response) and enc.prompt_cut > 0
+    long_resp = encode_pair(tok, records[2].prompt, records[2].response, "chat", max_length=32)
+    assert long_resp.n_response == 16 and long_resp.n_prompt == 16  # both long: half each
+    short = encode_pair(tok, records[1].prompt, records[1].response, "chat", max_length=32)
+    assert short.prompt_cut == 0 and short.n_response == 3
+    with caplog.at_level("WARNING", logger="harmprune.formatting"):
+        metrics = harmful_likelihood(model, tok, records, max_length=32)
+    assert metrics["tokens"] == 14 + 3 + 16
+    warnings = [r.getMessage() for r in caplog.records if r.name == "harmprune.formatting"]
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 3 pairs")
