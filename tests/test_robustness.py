@@ -256,3 +256,52 @@ def test_a_prompt_longer_than_max_length_keeps_the_response(caplog):
     assert metrics["tokens"] == 14 + 3 + 16
     warnings = [r.getMessage() for r in caplog.records if r.name == "harmprune.formatting"]
     assert len(warnings) == 1 and warnings[0].startswith("2 of 3 pairs")
+
+
+# ---------------------------------------------------------------------------------------------- (d) tmp files, config
+
+
+def test_a_killed_writer_leaves_a_tmp_file_that_the_next_write_removes(tmp_path):
+    from harmprune.io import atomic_path, atomic_write_text, host_tag
+
+    target = tmp_path / "scores.safetensors"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from harmprune.io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(target)],
+        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True)
+    assert killed.returncode == -9
+    stale = list(tmp_path.glob(".scores.safetensors.*.tmp"))
+    assert len(stale) == 1 and stale[0].stat().st_size == 0 and not target.exists()
+    foreign = tmp_path / ".scores.safetensors.unknown.tmp"  # not ours to judge: kept
+    foreign.touch()
+    with atomic_path(target) as live:  # a live writer's temporary file survives another write of the same path
+        atomic_write_text(target, "first")
+        assert live.exists() and f"-{host_tag()}-" in live.name
+        live.write_text("second")
+    assert target.read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, foreign.name])
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ("[selection]\nq = [true]\n", "selection.q value True must be a number"),
+    ("[selection]\np = [false, 0.1]\n", "selection.p value False"),
+    ('seed = "abc"\n', "seed 'abc' must be an integer"),
+    ("seed = true\n", "seed True must be an integer"),
+    ("seed = 1.5\n", "seed 1.5 must be an integer"),
+    ("dtype = 16\n", "dtype 16 must be float32"),
+])
+def test_config_bools_are_not_numbers_and_seed_is_an_integer(tmp_path, snippet, message):
+    from harmprune.errors import ConfigError
+    from harmprune.experiments.config import load_config
+
+    (tmp_path / "c.toml").write_text(snippet + '[models.m]\npath = "org/model"\n')
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(tmp_path / "c.toml")
+
+
+def test_run_check_rejects_a_string_seed_in_one_line(tmp_path):
+    (tmp_path / "c.toml").write_text('seed = "abc"\n[models.m]\npath = "org/model"\n')
+    proc = cli("run", tmp_path / "c.toml", "--check")
+    assert_one_line_error(proc, "c.toml", "seed 'abc' must be an integer")

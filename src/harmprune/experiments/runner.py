@@ -26,7 +26,7 @@ from harmprune import __version__
 from harmprune.data import Record, load_records, records_digest, sample
 from harmprune.errors import ConfigError
 from harmprune.experiments.config import Config
-from harmprune.io import atomic_write_json, sha256_file
+from harmprune.io import atomic_write_json, process_alive, sha256_file
 from harmprune.store import Store
 
 log = logging.getLogger(__name__)
@@ -390,21 +390,11 @@ def _fresh_partial_dir(final: Path) -> Path:
     host = socket.gethostname().replace("-", "_")
     for old in final.parent.glob(f"*.partial-{host}-*"):
         pid = old.name.rsplit("-", 2)[-2]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     partial = final.with_name(f"{final.name}.partial-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     partial.mkdir(parents=True)
     return partial
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 JUDGE_FILE_KEYS = ("judge_model", "judge_base_model", "judge_adapter", "judge_prompt_file", "judge_prompts_file")
