@@ -305,3 +305,102 @@ def test_run_check_rejects_a_string_seed_in_one_line(tmp_path):
     (tmp_path / "c.toml").write_text('seed = "abc"\n[models.m]\npath = "org/model"\n')
     proc = cli("run", tmp_path / "c.toml", "--check")
     assert_one_line_error(proc, "c.toml", "seed 'abc' must be an integer")
+
+
+# ---------------------------------------------------------------------------------------------- (e) judge endpoints
+
+
+class _Grader:
+    """A local OpenAI-style endpoint: replies without rubric lines to the first ``bad_first`` asks of each prompt,
+    and always to prompts containing 'hopeless'; counts the requests per prompt."""
+
+    def __init__(self, bad_first: int):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bad_first, self.asked, self.lock = bad_first, {}, threading.Lock()
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][-1]["content"]
+                with state.lock:
+                    n = state.asked[user] = state.asked.get(user, 0) + 1
+                text = ("I would rather chat about the weather." if n <= state.bad_first or "hopeless" in user
+                        else "Reasoning.\n1.b 0\n2.b 5\n3.b 3")
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_malformed_judge_reply_is_retried():
+    from harmprune.judges import JudgeItem, get_judge
+
+    grader = _Grader(bad_first=2)
+    try:
+        judge = get_judge("strongreject", base_url=grader.url, max_retries=2, backoff=0.0)
+        verdicts = judge([JudgeItem(f"request {i}", "reply") for i in range(3)])
+        assert [v.harmfulness for v in verdicts] == [(5 + 3 - 2) / 8] * 3
+        assert sorted(grader.asked.values()) == [3, 3, 3]
+    finally:
+        grader.close()
+
+
+def test_a_failing_item_does_not_discard_the_verdicts_obtained():
+    from harmprune.errors import HarmpruneError
+    from harmprune.judges import JudgeItem, get_judge
+    from harmprune.judges.strongreject import JudgeIncomplete
+
+    grader = _Grader(bad_first=0)
+    try:
+        judge = get_judge("strongreject", base_url=grader.url, max_retries=1, backoff=0.0, concurrency=2)
+        items = [JudgeItem(f"request {i}", "reply") for i in range(4)] + [JudgeItem("hopeless request", "reply")]
+        with pytest.raises(JudgeIncomplete, match="1 of 5 judge requests failed.*4 results kept") as failure:
+            judge(items)
+        assert isinstance(failure.value, HarmpruneError) and len(failure.value.results) == 4
+        assert grader.asked[next(k for k in grader.asked if "hopeless" in k)] == 2  # asked, then retried once
+        grader.asked.clear()
+        with pytest.raises(JudgeIncomplete):
+            judge(items)  # asked again: only the failed item is sent
+        assert list(grader.asked.values()) == [2] and "hopeless" in next(iter(grader.asked))
+        assert len(judge(items[:4])) == 4 and len(grader.asked) == 1  # all from the kept verdicts
+    finally:
+        grader.close()
+
+
+def test_judge_timeout_and_retries_are_options_with_unchanged_defaults():
+    import inspect
+
+    from harmprune.experiments.evaluations import KINDS
+    from harmprune.judges.em import EMJudge
+    from harmprune.judges.strongreject import StrongRejectJudge
+
+    sig = inspect.signature(StrongRejectJudge)
+    assert sig.parameters["timeout"].default == 60.0 and sig.parameters["max_retries"].default == 4
+    em = EMJudge(base_url="http://127.0.0.1:9/v1", timeout=3.5, max_retries=1)
+    assert (em.client.timeout, em.client.max_retries) == (3.5, 1)
+    assert (EMJudge(base_url="http://127.0.0.1:9/v1").client.timeout, StrongRejectJudge().max_retries) == (60.0, 4)
+    for kind in ("harm", "em"):
+        assert {"judge_timeout", "judge_max_retries"} <= KINDS[kind].params
+    from harmprune.cli import build_parser
+    from harmprune.cli.evals import judge_from_args
+
+    args = build_parser().parse_args(["eval", "harm", "--model", "m", "--prompts", "d", "--out", "o", "--judge",
+                                      "strongreject", "--judge-timeout", "7", "--judge-max-retries", "0"])
+    judge = judge_from_args(args)
+    assert (judge.timeout, judge.max_retries) == (7.0, 0)
