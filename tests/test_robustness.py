@@ -404,3 +404,36 @@ def test_judge_timeout_and_retries_are_options_with_unchanged_defaults():
                                       "strongreject", "--judge-timeout", "7", "--judge-max-retries", "0"])
     judge = judge_from_args(args)
     assert (judge.timeout, judge.max_retries) == (7.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------- (f) compression
+
+
+def test_compression_without_a_utility_evaluation_reports_without_utility(workdir, tmp_path):
+    from harmprune.experiments import run_config
+
+    (tmp_path / "c.toml").write_text(f'''
+name = "no-utility"
+[models.m]
+path = "{workdir / 'model'}"
+[data.harmful]
+path = "{workdir / 'harm.jsonl'}"
+[scoring]
+method = "signed-snip"
+harm = "harmful"
+max_length = 48
+[selection]
+q = [0.05]
+[evaluations.harm]
+kind = "likelihood"
+data = "harmful"
+[experiments.compression]
+harm_evaluation = "harm"
+harm_metric = "nll"
+''')
+    summary = json.loads((run_config(tmp_path / "c.toml", tmp_path / "run") / "summary.json").read_text())
+    result = summary["experiments"]["compression"]
+    point = result["models"]["m"]["points"][0]
+    assert "utility_drop" not in point and "utility_drop" not in result["headline"]
+    assert result["headline"]["operating_q"] == 0.05 and summary["fraction_pruned"] == point["fraction_pruned"]
+    assert (tmp_path / "run" / "report.md").exists()
