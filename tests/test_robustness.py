@@ -437,3 +437,50 @@ harm_metric = "nll"
     assert "utility_drop" not in point and "utility_drop" not in result["headline"]
     assert result["headline"]["operating_q"] == 0.05 and summary["fraction_pruned"] == point["fraction_pruned"]
     assert (tmp_path / "run" / "report.md").exists()
+
+
+# ---------------------------------------------------------------------------------------------- (i) stage keys
+
+
+def test_equal_work_in_two_run_directories_has_equal_stage_keys(workdir, tmp_path):
+    from harmprune.experiments import run_config
+    from harmprune.experiments.config import load_config
+    from harmprune.experiments.runner import Runner
+    from harmprune.tensorfile import TensorFile
+
+    (tmp_path / "c.toml").write_text(f'''
+name = "two-runs"
+[models.m]
+path = "{workdir / 'model'}"
+[data.harmful]
+path = "{workdir / 'harm.jsonl'}"
+[scoring]
+method = "signed-snip"
+harm = "harmful"
+max_length = 48
+[selection]
+q = [0.05]
+[evaluations.harm]
+kind = "likelihood"
+data = "harmful"
+[experiments.compression]
+harm_evaluation = "harm"
+harm_metric = "nll"
+[experiments.controls]
+kinds = ["random"]
+seeds = [0]
+harm_evaluation = "harm"
+harm_metric = "nll"
+''')
+    keys = {}
+    for run in ("a", "b"):
+        out = run_config(tmp_path / "c.toml", tmp_path / run)
+        runner = Runner(load_config(tmp_path / "c.toml"), out)
+        make_llama(len(make_tokenizer()), seed=5).save_pretrained(out / "derived-model")  # inside the run, like
+        make_tokenizer().save_pretrained(out / "derived-model")  # a fine-tuned model
+        runner.register_model("derived", out / "derived-model", like="m")
+        recorded = TensorFile(runner.scores("derived", "harmful")).metadata["model"]
+        keys[run] = {kind.name: sorted(p.name for p in kind.iterdir()) for kind in (out / "stages").iterdir()}
+    assert set(keys["a"]) >= {"scores", "mask", "control", "evaluate"}
+    assert keys["a"] == keys["b"]
+    assert recorded == "derived-model"  # a model inside the run is recorded relative to it

@@ -131,6 +131,16 @@ class Runner:
 
         self.config.models[name] = replace(self.config.models[like], name=name, path=str(path))
 
+    def run_relative(self, path: str | Path) -> str:
+        """``path`` relative to the run directory if it lies inside it (else as given), for file metadata.
+
+        Stage keys hash upstream files' bytes, so a file that recorded this run directory's location would give
+        equal work in two run directories different keys."""
+        try:
+            return str(Path(path).resolve().relative_to(self.out.resolve()))
+        except ValueError:
+            return str(path)
+
     # ------------------------------------------------------------------------------------------ stages
 
     def stage(self, kind: str, params: dict[str, Any], build: Callable[[Path], None], done_file: str) -> Path:
@@ -178,7 +188,7 @@ class Runner:
             records = [] if method == "magnitude" else [r for r in self.records(data_name) if r.response]
             scores = compute_scores(model, tok, records, method, fmt=fmt, max_length=sc["max_length"],
                                     batch_size=sc["batch_size"], modules=sc["modules"])
-            scores.metadata.update({"model": self.model_path(model_name), "data": data_name})
+            scores.metadata.update({"model": self.run_relative(self.model_path(model_name)), "data": data_name})
             save_scores(scores, d / "scores.safetensors")
 
         return self.stage("scores", params, build, "scores.safetensors") / "scores.safetensors"
@@ -200,7 +210,8 @@ class Runner:
 
         def build(d: Path) -> None:
             mask = select(TensorFile(harm), TensorFile(util) if util else None, q, p, granularity)
-            save_mask(mask, d / "mask.safetensors", harm_file=str(harm), utility_file=str(util or ""),
+            save_mask(mask, d / "mask.safetensors", harm_file=self.run_relative(harm),
+                      utility_file=self.run_relative(util) if util else "",
                       harm_sha256=params["harm"], utility_sha256=params["utility"] or "")
 
         return self.stage("mask", params, build, "mask.safetensors") / "mask.safetensors"
@@ -231,7 +242,7 @@ class Runner:
                 ctrl = magnitude_matched_random(mask, dict(model.named_parameters()), seed)
             else:
                 ctrl = select_counts(TensorFile(benign_scores), mask.counts())
-            save_mask(ctrl, d / "mask.safetensors", source_mask=str(mask_path))
+            save_mask(ctrl, d / "mask.safetensors", source_mask=self.run_relative(mask_path))
 
         return self.stage("control", params, build, "mask.safetensors") / "mask.safetensors"
 
