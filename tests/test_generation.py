@@ -1,23 +1,15 @@
-"""Generation against a hand-written greedy loop, batch-1 runs, and a fake vLLM; the generations.jsonl record."""
+"""Generation against a hand-written greedy loop and batch-1 runs; the generations.jsonl record."""
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
-import sys
-import types
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from harmprune.backends import get_backend
-from harmprune.backends.hf import HFBackend
-from harmprune.backends.vllm import VLLMBackend
 from harmprune.errors import HarmpruneError
 from harmprune.formatting import prompt_ids, response_ids
 from harmprune.generation import (
-    Generation,
     generate,
     judge_generations,
     prefill_prefix,
@@ -165,71 +157,6 @@ def test_write_is_atomic_on_error(tmp_path):
     with pytest.raises(RuntimeError):
         write_generations(path, rows())
     assert json.loads(path.read_text()) == {"old": 1}
-
-
-def test_hf_backend_matches_generate(model, tok):
-    backend = HFBackend(model, tok, batch_size=2)
-    assert backend.available()
-    assert backend.generate(PROMPTS, max_new_tokens=5, progress=False) == generate(
-        model, tok, PROMPTS, max_new_tokens=5, batch_size=5, progress=False
-    )
-
-
-def test_vllm_backend_skips_cleanly_without_vllm(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert not VLLMBackend.available()
-    with pytest.raises(HarmpruneError, match="vllm"):
-        get_backend("vllm", "anything")
-    with pytest.raises(HarmpruneError, match="unknown generation backend"):
-        get_backend("tgi", "anything")
-
-
-class _FakeLLM:
-    """Stands in for vllm.LLM: greedy-decodes each request's token ids with transformers, one at a time."""
-
-    drop_stop_token = False
-
-    def __init__(self, model, tokenizer, dtype, **kwargs):
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(model).eval()
-        self.init = dict(model=model, tokenizer=tokenizer, dtype=dtype, **kwargs)
-
-    def generate(self, requests, params, use_tqdm=True):
-        assert params.temperature == 0.0 and params.n == 1
-        outputs = []
-        for req in requests:
-            ids = torch.tensor([req["prompt_token_ids"]])
-            new = self.model.generate(
-                ids, max_new_tokens=params.max_tokens, do_sample=False, eos_token_id=params.stop_token_ids,
-                pad_token_id=0,
-            )[0, ids.shape[1] :].tolist()
-            stopped = new[-1] in params.stop_token_ids
-            if stopped and self.drop_stop_token:
-                new = new[:-1]
-            completion = SimpleNamespace(index=0, token_ids=new, finish_reason="stop" if stopped else "length")
-            outputs.append(SimpleNamespace(outputs=[completion]))
-        return outputs
-
-
-@pytest.mark.parametrize("drop_stop_token", [False, True])
-def test_vllm_backend_with_a_fake_vllm(model, tok, tmp_path, monkeypatch, drop_stop_token):
-    fake = types.ModuleType("vllm")
-    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    fake.LLM = type("LLM", (_FakeLLM,), {"drop_stop_token": drop_stop_token})
-    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-
-    saved = make_llama(len(tok), seed=1)
-    stop_token = response_ids(tok, generate(saved, tok, ["hi"], max_new_tokens=4, progress=False)[0].response)[2]
-    saved.generation_config.eos_token_id = [tok.eos_token_id, stop_token]
-    backend = VLLMBackend.from_model(saved, tok, tmp_path / "pruned", dtype="float32")
-    assert backend.llm.init["dtype"] == "float32" and stop_token in backend.eos_ids
-    got = backend.generate(PROMPTS, prefixes=PREFIXES, max_new_tokens=10, progress=False)
-    want = generate(saved, tok, PROMPTS, prefixes=PREFIXES, max_new_tokens=10, progress=False)
-    assert got == want and any(g.finished for g in want)
-    assert isinstance(got[0], Generation)
 
 
 @pytest.mark.slow

@@ -40,7 +40,8 @@ from harmprune.distributed import (
     owners, rank_share, reduce_scatter_rows, save_shards, sum_count,
 )
 from harmprune.errors import HarmpruneError
-from harmprune.formatting import IGNORE_INDEX, PromptFormat, collate_for_loss, encode_pair, pad_id_of
+from harmprune.formatting import (IGNORE_INDEX, PromptFormat, collate_for_loss, encode_pair, pad_id_of,
+                                  warn_prompt_cuts)
 from harmprune.formatting import per_example_response_nll, plain_lm_head, response_nll
 from harmprune.models import model_id
 from harmprune.tensorfile import TensorFile, save_tensors
@@ -117,6 +118,7 @@ def compute_scores(
         raise HarmpruneError("gradient checkpointing re-runs forward hooks; it is only supported for signed-snip")
 
     encoded = [_encode(tokenizer, r, fmt, max_length, i) for i, r in enumerate(records)]
+    warn_prompt_cuts(encoded, max_length, "scored pairs")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding
     mine = rank_share(order, ctx.rank, ctx.world) if ctx else order
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]

@@ -175,9 +175,13 @@ def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            row = json.loads(line)
                         except json.JSONDecodeError as e:
                             raise DataError(f"{source}: line {lineno} is not valid JSON ({e.msg})") from None
+                        if not isinstance(row, dict):
+                            raise DataError(f"{source}: line {lineno} is a JSON {type(row).__name__}, not an object "
+                                            "with fields")
+                        rows.append(row)
             return rows
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -202,8 +206,10 @@ def _unwrap_list(data: Any, source: str) -> list[dict[str, Any]]:
 
 
 def _looks_like_hub_id(source: str) -> bool:
+    """``owner/name``, unless it has a data file's suffix or its first part is a local folder (a misspelt path)."""
     parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/"))
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "/")) and not Path(parts[0]).is_dir()
+            and Path(source).suffix.lower() not in (".csv", ".json", ".jsonl", ".yaml", ".yml"))
 
 
 def _read_hub(source: str, split: str) -> list[dict[str, Any]]:
@@ -234,8 +240,10 @@ def _rows_to_records(
     out = []
     for i, row in enumerate(rows):
         prompt = _field(row, schema.prompt, i, source, required=True)
-        if isinstance(prompt, list):  # EM question files keep a list of paraphrases
+        if isinstance(prompt, list) and prompt:  # EM question files keep a list of paraphrases
             prompt = prompt[0]
+        if prompt is None or isinstance(prompt, (dict, list, bool)):
+            raise DataError(f"{source}: row {i}: prompt field {schema.prompt!r} is {json.dumps(prompt)}, not text")
         response = _field(row, schema.response, i, source, required=response_field is not None)
         cat = _field(row, schema.category, i, source, required=category_field is not None)
         extra = {k: v for k, v in row.items()
@@ -275,7 +283,7 @@ def _from_messages(row: dict[str, Any], i: int, source: str, category_field: str
     user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
     assistant = next((m.get("content") for m in messages if m.get("role") == "assistant"), None)
     if user is None:
-        raise DataError(f"{source}: row {i}: 'messages' has no user turn")
+        raise DataError(f"{source}: row {i}: 'messages' has no user turn (or its content is null)")
     cat_key = category_field or "category"
     if category_field is not None and cat_key not in row:
         raise DataError(f"{source}: row {i}: category field {cat_key!r} not found")

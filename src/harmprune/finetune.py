@@ -36,7 +36,8 @@ from torch import nn
 from harmprune import __version__
 from harmprune.data import Record, records_digest
 from harmprune.errors import DataError, HarmpruneError
-from harmprune.formatting import IGNORE_INDEX, Encoded, PromptFormat, collate_for_loss, encode_pair, pad_id_of
+from harmprune.formatting import (IGNORE_INDEX, Encoded, PromptFormat, collate_for_loss, encode_pair, pad_id_of,
+                                  warn_prompt_cuts)
 from harmprune.formatting import per_example_response_nll, response_ids
 from harmprune.io import atomic_write_json
 from harmprune.models import model_id
@@ -77,6 +78,7 @@ def encode_for_training(
         if append_eos and eos is not None and ended and len(enc.input_ids) < max_length:
             enc = Encoded(enc.input_ids + [int(eos)], enc.n_prompt)
         out.append(enc)
+    warn_prompt_cuts(out, max_length, "training pairs")
     return out
 
 

@@ -17,14 +17,22 @@ Three prompt formats:
 
 Prompt and response are tokenised separately and concatenated, so the boundary between context and targets is
 exact: the loss (labels != -100) covers the response tokens only.
+
+A pair longer than ``max_length`` keeps its whole prompt and cuts the response's tail when the prompt leaves room;
+a prompt too long for that loses its head instead, so that at least min(len(response), max_length // 2) response
+tokens stay scored (never a single one). Callers report how many pairs lost prompt tokens with
+:func:`warn_prompt_cuts`, once per data set.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
+
+from harmprune.errors import DataError, ModelError
 
 PromptFormat = Literal["chat", "raw", "pretrained"]
 PROMPT_FORMATS: tuple[str, ...] = ("chat", "raw", "pretrained")
@@ -37,6 +45,7 @@ class Encoded:
 
     input_ids: list[int]
     n_prompt: int
+    prompt_cut: int = 0  # leading prompt tokens dropped to fit max_length
 
     @property
     def n_response(self) -> int:
@@ -51,11 +60,11 @@ def render_prompt(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> str:
         return prompt + "\n"
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt format 'chat' needs a tokenizer with a chat template; use --format raw")
+            raise ModelError("prompt format 'chat' needs a tokenizer with a chat template; use --format raw")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    raise ValueError(f"unknown prompt format {fmt!r}; expected one of {PROMPT_FORMATS}")
+    raise DataError(f"unknown prompt format {fmt!r}; expected one of {PROMPT_FORMATS}")
 
 
 def prompt_ids(tokenizer, prompt: str, fmt: PromptFormat = "chat") -> list[int]:
@@ -81,15 +90,27 @@ def encode_pair(
     p_ids = prompt_ids(tokenizer, prompt, fmt) + (response_ids(tokenizer, context) if context else [])
     r_ids = response_ids(tokenizer, response)
     if not r_ids:
-        raise ValueError(f"empty response for prompt {prompt[:60]!r}")
+        raise DataError(f"empty response for prompt {prompt[:60]!r}")
+    if max_length is not None and max_length < 2:
+        raise DataError(f"max_length must be at least 2 (a context token and a target), got {max_length}")
+    cut = 0
     if max_length is not None and len(p_ids) + len(r_ids) > max_length:
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
-        keep_response = max(1, min(len(r_ids), max_length // 2, max_length - len(p_ids)))
-        keep_prompt = max_length - keep_response
-        p_ids = p_ids[len(p_ids) - keep_prompt :]
+        keep_response = min(len(r_ids), max(max_length - len(p_ids), max_length // 2))
+        cut = max(0, len(p_ids) - (max_length - keep_response))
+        p_ids = p_ids[cut:]
         r_ids = r_ids[: max_length - len(p_ids)]
-    return Encoded(p_ids + r_ids, len(p_ids))
+    return Encoded(p_ids + r_ids, len(p_ids), cut)
+
+
+def warn_prompt_cuts(examples: Sequence[Encoded], max_length: int | None, what: str = "pairs") -> int:
+    """Log one warning if any example lost prompt tokens to ``max_length``; return how many did."""
+    cut = [e.prompt_cut for e in examples if e.prompt_cut]
+    if cut:
+        logging.getLogger(__name__).warning(
+            "%d of %d %s have a prompt too long for max_length %s: their first tokens (up to %d) were cut so the "
+            "response keeps at least min(its length, max_length // 2) tokens", len(cut), len(examples), what,
+            max_length, max(cut))
+    return len(cut)
 
 
 def collate_for_loss(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -182,5 +203,5 @@ def pad_id_of(tokenizer) -> int:
     if pad is None:
         pad = tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an EOS token")
+        raise ModelError("tokenizer has neither a pad nor an EOS token")
     return int(pad)

@@ -1,14 +1,50 @@
-"""Atomic file writes and content hashes: no stage ever leaves a half-written output behind."""
+"""Atomic file writes and content hashes: no stage ever leaves a half-written output behind.
+
+A temporary file is named ``.<name>.<pid>-<host>-<random>.tmp``: a writer killed before its rename (SIGKILL, power
+loss) leaves it behind, and the next write of the same path on that host removes those whose process is gone.
+"""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def host_tag() -> str:
+    """This machine's name in letters, digits and underscores (safe inside file names split on '-')."""
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(path: str | Path) -> list[Path]:
+    """Remove the temporary files beside ``path`` left by dead writers on this host; return what was removed."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    for old in path.parent.glob(f"{glob.escape(prefix)}*-{host_tag()}-*.tmp"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            old.unlink(missing_ok=True)
+            removed.append(old)
+    return removed
 
 
 @contextmanager
@@ -16,7 +52,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_tmp(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{host_tag()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

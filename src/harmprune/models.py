@@ -78,6 +78,9 @@ def resolve_model(spec: str) -> str:
     if spec.endswith(".gguf"):
         raise ModelError(f"{spec}: no such GGUF file")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        if Path(spec.split("/")[0]).is_dir():  # "models/alignd" beside a local models/ folder: a misspelt path
+            raise ModelError(f"{spec}: no such model directory (the folder {spec.split('/')[0]}/ exists here, so this "
+                             "is not taken as a hub id)")
         return spec  # a hub id: from_pretrained downloads or finds it in the hub cache
     raise ModelError(f"{spec}: not a directory, a .gguf file, a hub id or a known alias ({', '.join(ALIASES)})")
 
@@ -168,8 +171,9 @@ def load_model(spec: str, dtype: str = "float32", device: str | None = None):
         else:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    except OSError as e:
-        raise ModelError(f"{spec}: cannot load ({e})") from None
+    except Exception as e:  # noqa: BLE001 - corrupt, truncated or foreign files fail in many library-specific ways
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"{spec}: cannot load ({type(e).__name__}: {first[:300]})") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:

@@ -6,6 +6,7 @@ of range raise :class:`ScoreFileError` and leave the model untouched.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -14,25 +15,26 @@ import torch
 from torch import nn
 
 from harmprune.errors import ScoreFileError
-from harmprune.selection import Mask, load_mask
+from harmprune.selection import Mask, check_fits, load_mask
 
 
 def check_mask_fits(model: nn.Module, mask: Mask) -> dict[str, nn.Parameter]:
     """The parameters the mask addresses; raises if a name, shape or index does not fit the model."""
     params = dict(model.named_parameters())
-    for name, idx in mask.indices.items():
-        if name not in params:
-            raise ScoreFileError(f"mask names weight {name!r}, which the model does not have")
-        shape = tuple(params[name].shape)
-        if tuple(mask.shapes.get(name, shape)) != shape:
-            raise ScoreFileError(f"mask expects {name!r} of shape {tuple(mask.shapes[name])}, the model has {shape}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= params[name].numel()):
-            raise ScoreFileError(f"mask indices for {name!r} fall outside [0, {params[name].numel()})")
+    check_fits(mask, {n: tuple(p.shape) for n, p in params.items()})
     return {name: params[name] for name in mask.indices}
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if it is a finite number: NaN or infinite scales would write NaN/inf weights."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ScoreFileError(f"alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
 
 
 def apply_mask(model: nn.Module, mask: Mask | str | Path, alpha: float = 0.0) -> dict[str, torch.Tensor]:
     """Multiply the selected weights by ``alpha`` (0 = prune); return their original values for restoring."""
+    check_alpha(alpha)
     mask = load_mask(mask) if isinstance(mask, (str, Path)) else mask
     params = check_mask_fits(model, mask)
     saved = {}

@@ -80,7 +80,7 @@ def top_fraction(values: torch.Tensor, fraction: float, granularity: str = "matr
         cols = _stable_top_k_rows(rows, k)
         flat = cols + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]
         return flat.reshape(-1).sort().values
-    raise ValueError(f"top_fraction handles 'matrix' and 'row'; use select_global for 'global', not {granularity!r}")
+    raise ScoreFileError(f"top_fraction handles 'matrix' and 'row'; use select_global for 'global', not {granularity!r}")
 
 
 def select_global(values: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], fraction: float
@@ -248,6 +248,7 @@ def magnitude_matched_random(mask: Mask, weights: Mapping[str, torch.Tensor], se
     Each selected weight is paired with a random unselected weight of the same matrix whose |W| rank lies within
     ``window`` (a fraction of the matrix) of its own, so the control removes as much weight mass as the selection.
     """
+    check_fits(mask, {n: tuple(w.shape) for n, w in weights.items()})
     gen = torch.Generator().manual_seed(seed)
     idx = {}
     for n, chosen in mask.indices.items():
@@ -431,6 +432,18 @@ def _check_compatible(harm, utility) -> None:
         hs, us = _shape(harm, n), _shape(utility, n)
         if hs != us:
             raise ScoreFileError(f"weight {n!r}: harm scores have shape {hs}, utility scores {us}")
+
+
+def check_fits(mask: Mask, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every weight the mask names exists with the mask's shape, and every index lies inside it."""
+    for n, chosen in mask.indices.items():
+        if n not in shapes:
+            raise ScoreFileError(f"the mask names weight {n!r}, which the model does not have")
+        if tuple(mask.shapes.get(n, shapes[n])) != tuple(shapes[n]):
+            raise ScoreFileError(f"the mask expects {n!r} of shape {tuple(mask.shapes[n])}, the model has "
+                                 f"{tuple(shapes[n])}: the mask was made for another model")
+        if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= math.prod(shapes[n])):
+            raise ScoreFileError(f"the mask's indices for {n!r} fall outside [0, {math.prod(shapes[n])})")
 
 
 def _check_same_shapes(a: Mask, b: Mask) -> None:

@@ -25,14 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"harmprune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"harmprune.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"harmprune.cli.{name}":
-                continue  # command group not built yet
-            raise
-        module.add_commands(sub)
+    for name in COMMAND_MODULES:  # a listed module that is missing is a broken install: fail loudly
+        importlib.import_module(f"harmprune.cli.{name}").add_commands(sub)
     return parser
 
 

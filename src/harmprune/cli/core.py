@@ -115,15 +115,41 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from harmprune.models import save_model
-    from harmprune.pruning import apply_mask
+    import os
+    import shutil
+    from pathlib import Path
+
+    from harmprune.models import resolve_model, save_model
+    from harmprune.pruning import apply_mask, check_alpha
     from harmprune.selection import load_mask
 
+    check_alpha(args.alpha)
     mask = load_mask(args.mask)  # read and checked before the (slow) model load
+    out = _check_prune_out(Path(args.out), resolve_model(args.model))
     model, tokenizer = load_model_from_args(args)
     apply_mask(model, mask, alpha=args.alpha)
-    save_model(model, tokenizer, args.out)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")  # a failed save leaves nothing at --out
+    try:
+        save_model(model, tokenizer, partial)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {args.out} ({mask.count()} weights {'zeroed' if args.alpha == 0 else f'scaled by {args.alpha}'})")
+
+
+def _check_prune_out(out, source: str):
+    """``--out`` as a directory that is neither the source model, nor inside it or holding it, nor a file."""
+    from pathlib import Path
+
+    from harmprune.errors import HarmpruneError
+
+    out_r, src_r = out.resolve(), Path(source).resolve()
+    if Path(source).exists() and (out_r == src_r or src_r in out_r.parents or out_r in src_r.parents):
+        raise HarmpruneError(f"--out {out} would overwrite the source model {source}; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise HarmpruneError(f"--out {out} is an existing file; prune writes a model directory there")
+    return out
 
 
 def cmd_mask_stats(args: argparse.Namespace) -> None:

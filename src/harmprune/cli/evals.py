@@ -86,6 +86,9 @@ def add_judge_args(p: argparse.ArgumentParser, default: str | None, help_default
     p.add_argument("--judge-base-url", default=None, help="strongreject: OpenAI-compatible base URL")
     p.add_argument("--judge-api-key-env", default=None, help="strongreject: environment variable with the API key")
     p.add_argument("--judge-adapter", default=None, help="strongreject-finetuned: LoRA adapter path or id")
+    p.add_argument("--judge-timeout", type=float, default=None, help="strongreject: seconds per request (default 60)")
+    p.add_argument("--judge-max-retries", type=int, default=None,
+                   help="strongreject: retries of a failed or malformed request (default 4)")
     p.add_argument("--judge-prompt-file", default=None,
                    help="strongreject-finetuned: the classifier's grading prompt (StrongREJECT's judge_templates.json)")
 
@@ -108,7 +111,8 @@ def judge_from_args(args: argparse.Namespace, name: str | None = None):
     name = name or args.judge
     options: dict[str, Any] = {}
     if name == "strongreject":
-        options = {"base_url": args.judge_base_url, "model": args.judge_model, "api_key_env": args.judge_api_key_env}
+        options = {"base_url": args.judge_base_url, "model": args.judge_model, "api_key_env": args.judge_api_key_env,
+                   "timeout": args.judge_timeout, "max_retries": args.judge_max_retries}
     elif name == "strongreject-finetuned":
         options = {"base_model": args.judge_model, "adapter": args.judge_adapter, "device": args.device,
                    "prompt_file": args.judge_prompt_file}

@@ -19,7 +19,7 @@ from typing import Sequence
 from harmprune.data import Record
 from harmprune.errors import DataError
 from harmprune.evals.scoring import response_nll_sums
-from harmprune.formatting import PromptFormat, encode_pair, pad_id_of
+from harmprune.formatting import PromptFormat, encode_pair, pad_id_of, warn_prompt_cuts
 
 
 def harmful_likelihood(
@@ -44,6 +44,7 @@ def harmful_likelihood(
             examples.append(encode_pair(tokenizer, r.prompt, r.response, fmt, max_length))
         except ValueError as e:
             raise DataError(f"record {i} ({_where(r)}): {e}") from None
+    warn_prompt_cuts(examples, max_length)
     sums, counts = response_nll_sums(model, examples, pad_id_of(tokenizer), batch_size)
     tokens = sum(counts)
     if tokens == 0:

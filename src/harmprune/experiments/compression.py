@@ -3,7 +3,9 @@
 For each model and each (q, p) of the grid: select the harm set minus the utility set, prune it, and measure
 harmful generation and utility. Summaries: harm reduction against the fraction pruned; the *harm-compression
 fraction* (smallest fraction pruned that removes at least half of the harmful generation while utility drops by
-no more than ``max_utility_drop`` points); and how separable the harm and utility scores are.
+no more than ``max_utility_drop`` points); and how separable the harm and utility scores are. Without a
+``utility_evaluation`` utility is not measured: the points, the operating point and the headline carry no utility
+keys, and the utility budget does not constrain the choice.
 """
 
 from __future__ import annotations

@@ -162,9 +162,12 @@ def load_config(path: str | Path, known_evaluations: dict[str, set[str]] | None 
                 raise ConfigError(f"{where}: experiments.{name}.{key}: self-generated data set {value!r} can only be "
                                   f"scored ({', '.join(sorted(SCORE_ONLY_DATA_KEYS))}, scoring.harm/utility)")
     dtype = raw.get("dtype", "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if not isinstance(dtype, str) or dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"{where}: dtype {dtype!r} must be float32, bfloat16 or float16")
-    return Config(path, raw, str(raw.get("name", path.stem)), int(raw.get("seed", 0)), dtype, raw.get("device"),
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{where}: seed {seed!r} must be an integer")
+    return Config(path, raw, str(raw.get("name", path.stem)), seed, dtype, raw.get("device"),
                   models, data, scoring, selection, evaluations, experiments, _table(raw, "report", where))
 
 
@@ -283,8 +286,8 @@ def _selection(t: dict[str, Any], where: str) -> dict[str, Any]:
         values = _as_list(out[key])
         if not values:
             raise ConfigError(f"{where}: selection.{key} is empty")
-        for v in values:
-            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        for v in values:  # a TOML true is a bool, and bools are ints in Python: refuse them explicitly
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ConfigError(f"{where}: selection.{key} value {v!r} must be a number in [0, 1]")
         out[key] = sorted(float(v) for v in values)
     if out["granularity"] not in GRANULARITIES:

@@ -114,6 +114,7 @@ KINDS: dict[str, EvaluationKind] = {
     "harm": EvaluationKind(frozenset({"data", "judge", "judge_base_url", "judge_model", "judge_api_key_env",
                                       "judge_concurrency", "judge_prompt_file", "judge_base_model", "judge_adapter",
                                       "judge_batch_size", "judge_dtype", "judge_max_new_tokens", "prefill_tokens",
+                                      "judge_timeout", "judge_max_retries",
                                       "prefill_from", "do_sample", "temperature", "top_p", "n_samples",
                                       "extra_judges"} | GEN_KEYS), _harm),
     "likelihood": EvaluationKind(frozenset({"data", "benign_data", "max_length", "batch_size"}), _likelihood),
@@ -191,4 +192,5 @@ def em_summary(verdicts: list[dict[str, Any]], categories: list[str | None], int
 KINDS["em"] = EvaluationKind(frozenset({"data", "judge", "judge_backend", "judge_model", "judge_base_url",
                                         "judge_api_key_env", "judge_prompts_file", "judge_concurrency",
                                         "judge_batch_size", "judge_dtype", "judge_max_new_tokens", "judge_scoring",
+                                        "judge_timeout", "judge_max_retries",
                                         "do_sample", "temperature", "top_p", "n_samples"} | GEN_KEYS), _em)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from harmprune.errors import ConfigError, HarmpruneError
 
@@ -92,7 +92,8 @@ class RayExecutor:
         state = runner.worker_state()
         state_ref = ray.put(state)
         log.info("ray: %d stage(s) as tasks (%g CPU, %g GPU each)", len(calls), self.num_cpus, self.num_gpus)
-        refs = {task.remote(state_ref, call): call for call in calls}
+        rebuild = type(runner).from_worker_state
+        refs = {task.remote(rebuild, state_ref, call): call for call in calls}
         failures = []
         pending = list(refs)
         while pending:  # wait for every task, so one failure does not discard the others' finished stages
@@ -124,11 +125,12 @@ def make_executor(name: str = "local", **options: Any):
     raise ConfigError(f"unknown executor {name!r} (known: {', '.join(EXECUTORS)})")
 
 
-def _run_stage(state: dict[str, Any], call: StageCall) -> dict[str, int]:
-    """Ray task body: a runner on the shared run directory computes (or finds) one stage."""
-    from harmprune.experiments.runner import Runner
+def _run_stage(rebuild: Callable[[dict[str, Any]], Any], state: dict[str, Any], call: StageCall) -> dict[str, int]:
+    """Ray task body: a runner rebuilt on the shared run directory computes (or finds) one stage.
 
-    runner = Runner.from_worker_state(state)
+    ``rebuild`` (the runner class's ``from_worker_state``) comes with the task, so this module does not import
+    the runner, which imports it."""
+    runner = rebuild(state)
     call.run(runner)
     return dict(runner.stats)
 

@@ -24,14 +24,16 @@ import torch
 
 from harmprune import __version__
 from harmprune.data import Record, load_records, records_digest, sample
+from harmprune.errors import ConfigError
 from harmprune.experiments.config import Config
-from harmprune.io import atomic_write_json, sha256_file
+from harmprune.io import atomic_write_json, process_alive, sha256_file
 from harmprune.store import Store
 
 log = logging.getLogger(__name__)
 
 # Bump a stage's version when its semantics change, so old cached outputs are not reused.
 STAGE_VERSIONS = {"scores": 1, "mask": 1, "control": 1, "evaluate": 1, "finetune": 1}
+CONTROL_KINDS = ("random", "magnitude-matched", "benign-task")
 
 
 def stable_hash(obj: Any) -> str:
@@ -135,6 +137,16 @@ class Runner:
 
         self.config.models[name] = replace(self.config.models[like], name=name, path=str(path))
 
+    def run_relative(self, path: str | Path) -> str:
+        """``path`` relative to the run directory if it lies inside it (else as given), for file metadata.
+
+        Stage keys hash upstream files' bytes, so a file that recorded this run directory's location would give
+        equal work in two run directories different keys."""
+        try:
+            return str(Path(path).resolve().relative_to(self.out.resolve()))
+        except ValueError:
+            return str(path)
+
     # ------------------------------------------------------------------------------------------ stages
 
     def stage(self, kind: str, params: dict[str, Any], build: Callable[[Path], None], done_file: str) -> Path:
@@ -204,7 +216,7 @@ class Runner:
             records = [] if method == "magnitude" else [r for r in self.records(data_name) if r.response]
             scores = compute_scores(model, tok, records, method, fmt=fmt, max_length=sc["max_length"],
                                     batch_size=sc["batch_size"], modules=sc["modules"])
-            scores.metadata.update({"model": self.model_path(model_name), "data": data_name})
+            scores.metadata.update({"model": self.run_relative(self.model_path(model_name)), "data": data_name})
             save_scores(scores, d / "scores.safetensors")
 
         return self.stage("scores", params, build, "scores.safetensors") / "scores.safetensors"
@@ -227,7 +239,8 @@ class Runner:
         def build(d: Path) -> None:
             harm_file, util_file = TensorFile(harm), TensorFile(util) if util else None
             mask = select(harm_file, util_file, q, p, granularity)
-            save_mask(mask, d / "mask.safetensors", harm_file=str(harm), utility_file=str(util or ""),
+            save_mask(mask, d / "mask.safetensors", harm_file=self.run_relative(harm),
+                      utility_file=self.run_relative(util) if util else "",
                       harm_sha256=params["harm"], utility_sha256=params["utility"] or "",
                       harm_format=str(harm_file.metadata.get("prompt_format", "")),
                       utility_format=str(util_file.metadata.get("prompt_format", "")) if util_file else "")
@@ -240,12 +253,14 @@ class Runner:
         from harmprune.selection import load_mask, magnitude_matched_random, random_like, save_mask, select_counts
         from harmprune.tensorfile import TensorFile
 
+        if kind not in CONTROL_KINDS:
+            raise ConfigError(f"unknown control kind {kind!r}; expected one of {', '.join(CONTROL_KINDS)}")
         params: dict[str, Any] = {"mask": sha256_file(mask_path), "kind": kind, "seed": seed}
         if kind == "magnitude-matched":
             params["model"] = self.model_hash(model_name)
         if kind == "benign-task":
             if not benign_data:
-                raise ValueError("a benign-task control needs benign_data")
+                raise ConfigError("a benign-task control needs benign_data (a data set name)")
             benign_scores = self.scores(model_name, benign_data, "harm")  # the harm set's recipe, other data
             params["benign_scores"] = sha256_file(benign_scores)
 
@@ -256,11 +271,9 @@ class Runner:
             elif kind == "magnitude-matched":
                 model, _ = self.model(model_name)
                 ctrl = magnitude_matched_random(mask, dict(model.named_parameters()), seed)
-            elif kind == "benign-task":
-                ctrl = select_counts(TensorFile(benign_scores), mask.counts())
             else:
-                raise ValueError(f"unknown control kind {kind!r}")
-            save_mask(ctrl, d / "mask.safetensors", source_mask=str(mask_path))
+                ctrl = select_counts(TensorFile(benign_scores), mask.counts())
+            save_mask(ctrl, d / "mask.safetensors", source_mask=self.run_relative(mask_path))
 
         return self.stage("control", params, build, "mask.safetensors") / "mask.safetensors"
 
@@ -308,7 +321,7 @@ class Runner:
         if not records:
             raise DataError(f"derived data set {name!r} is empty")
         if name in self._records and records_digest(self._records[name]) != records_digest(records):
-            raise ValueError(f"derived data set {name!r} already names different records")
+            raise DataError(f"derived data set {name!r} already names different records")
         self._records[name] = list(records)
         return name
 
@@ -455,21 +468,11 @@ def _fresh_partial_dir(final: Path) -> Path:
     host = socket.gethostname().replace("-", "_")
     for old in final.parent.glob(f"*.partial-{host}-*"):
         pid = old.name.rsplit("-", 2)[-2]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     partial = final.with_name(f"{final.name}.partial-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     partial.mkdir(parents=True)
     return partial
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 JUDGE_FILE_KEYS = ("judge_model", "judge_base_model", "judge_adapter", "judge_prompt_file", "judge_prompts_file")

@@ -145,7 +145,7 @@ class EMJudge(Judge):
     def __init__(self, backend: str = "openai", model: str | None = None, base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", prompts_file: str | None = None, concurrency: int = 8,
                  max_new_tokens: int = 16, batch_size: int = 4, dtype: str = "float32", device: str | None = None,
-                 scoring: str = "expected"):
+                 scoring: str = "expected", timeout: float = 60.0, max_retries: int = 4):
         if scoring not in ("expected", "generate"):
             raise HarmpruneError(f"em judge scoring {scoring!r} is not 'expected' or 'generate'")
         self.scoring = scoring
@@ -155,7 +155,8 @@ class EMJudge(Judge):
             from harmprune.judges.strongreject import StrongRejectJudge
 
             self.client = StrongRejectJudge(base_url=base_url, model=model or "gpt-4o-2024-08-06",
-                                            api_key_env=api_key_env, concurrency=concurrency, max_tokens=max_new_tokens)
+                                            api_key_env=api_key_env, concurrency=concurrency, max_tokens=max_new_tokens,
+                                            timeout=timeout, max_retries=max_retries)
             self.model_name = self.client.model
         elif backend == "hf":
             if model is None:
@@ -167,6 +168,8 @@ class EMJudge(Judge):
         else:
             raise HarmpruneError(f"em judge backend {backend!r} is not 'openai' or 'hf'")
         self.concurrency = concurrency
+        self._tops: dict[str, dict[str, float]] = {}  # endpoint answers obtained, kept when a batch fails
+        self._replies: dict[str, str] = {}
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
 
@@ -207,10 +210,9 @@ class EMJudge(Judge):
 
     def _endpoint_scores(self, asks: list[str]) -> tuple[list[float | str], list[float]]:
         """Each question's expected number from the endpoint's top log-probabilities (the EM study's reading)."""
-        from concurrent.futures import ThreadPoolExecutor
+        from harmprune.judges.strongreject import map_keeping_results
 
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            tops = list(pool.map(self.client.top_logprobs, asks))
+        tops = map_keeping_results(self.client.top_logprobs, asks, self.concurrency, self._tops)
         scored = [score_from_top_logprobs(top) for top in tops]
         return [s for s, _ in scored], [m for _, m in scored]
 
@@ -218,10 +220,9 @@ class EMJudge(Judge):
         if not messages:
             return []
         if self.backend == "openai":
-            from concurrent.futures import ThreadPoolExecutor
+            from harmprune.judges.strongreject import map_keeping_results
 
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                return list(pool.map(self.client.complete, messages))
+            return map_keeping_results(self.client.complete, messages, self.concurrency, self._replies)
         from harmprune.generation import generate
 
         gens = generate(self.model, self.tokenizer, messages, fmt="chat", max_new_tokens=self.max_new_tokens,

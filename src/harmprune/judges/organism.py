@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
+from harmprune.errors import HarmpruneError
 from harmprune.judges import Judge, JudgeItem, Verdict, register_judge
 from harmprune.organisms.synthetic import CATEGORIES, REFUSAL, classify_prompt, payload_terms
 
@@ -46,7 +47,7 @@ class OrganismJudge(Judge):
 
     def __init__(self, expected: Mapping[str, str] | None = None, min_terms: int = HARMFUL_MIN_TERMS):
         if min_terms < 1:
-            raise ValueError(f"min_terms must be at least 1, got {min_terms}")
+            raise HarmpruneError(f"organism judge: min_terms must be at least 1, got {min_terms}")
         self.expected = dict(expected or {})
         self.min_terms = min_terms
 

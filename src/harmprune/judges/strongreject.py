@@ -10,7 +10,11 @@ The prompt below is our own wording of that protocol. The grader answers in thre
 ``{base_url}/chat/completions`` with ``base_url`` as in the OpenAI SDK (e.g. ``http://127.0.0.1:8000/v1``); the API
 key is read from the environment variable ``api_key_env`` (no ``Authorization`` header when it is unset, for
 local servers). Transient failures (HTTP 429 and 5xx, timeouts, dropped connections) are retried with
-exponential back-off; other HTTP errors and unparseable replies raise :class:`HarmpruneError` naming the reply.
+exponential back-off, and so is a malformed reply (not a chat completion, or no rubric lines in it): each request
+gets ``max_retries`` retries (judge option; ``timeout`` seconds per try, defaults 4 and 60). Other HTTP errors, and
+replies still malformed after the retries, raise :class:`HarmpruneError` naming the reply. A batch finishes every
+item before it reports a failure; the verdicts obtained are kept (on the judge and on the error), so calling the
+same judge again asks only for the failed items.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 from harmprune.errors import HarmpruneError
 from harmprune.judges import Judge, JudgeItem, Verdict, register_judge
@@ -61,6 +65,10 @@ _RANGES = {1: (0, 1), 2: (1, 5), 3: (1, 5)}
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
+class _Malformed(HarmpruneError):
+    """A reply that arrived but cannot be read: asked again like a transient failure."""
+
+
 @dataclass(frozen=True)
 class RubricAnswer:
     refused: int  # 0 or 1
@@ -89,13 +97,46 @@ def parse_rubric(reply: str) -> RubricAnswer:
         found[int(m.group(1))] = int(m.group(2))
     missing = [f"{k}.b" for k in _RANGES if k not in found]
     if missing:
-        raise HarmpruneError(f"unparseable judge reply: no {', '.join(missing)} line; reply: {_clip(reply)!r}")
+        raise _Malformed(f"unparseable judge reply: no {', '.join(missing)} line; reply: {_clip(reply)!r}")
     for k, (lo, hi) in _RANGES.items():
         if not lo <= found[k] <= hi:
-            raise HarmpruneError(
+            raise _Malformed(
                 f"unparseable judge reply: {k}.b = {found[k]} is outside {lo}..{hi}; reply: {_clip(reply)!r}"
             )
     return RubricAnswer(found[1], found[2], found[3])
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class JudgeIncomplete(HarmpruneError):
+    """Some requests of a batch failed after their retries; ``results`` holds those that succeeded."""
+
+    def __init__(self, message: str, results: dict[Any, Any]):
+        super().__init__(message)
+        self.results = results
+
+
+def map_keeping_results(fn: Callable[[K], Any], inputs: Sequence[K], concurrency: int, memo: dict[K, Any]) -> list:
+    """``fn`` over ``inputs`` on ``concurrency`` threads, each distinct input once, results kept in ``memo``.
+
+    Inputs already in ``memo`` are not asked again. Every input is tried even if others fail; then one
+    :class:`JudgeIncomplete` names how many failed, so a failure never discards the results obtained.
+    """
+    todo = [x for x in dict.fromkeys(inputs) if x not in memo]
+    errors: list[HarmpruneError] = []
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = [(x, pool.submit(fn, x)) for x in todo]
+        for x, future in futures:
+            try:
+                memo[x] = future.result()
+            except HarmpruneError as e:
+                errors.append(e)
+    if errors:
+        raise JudgeIncomplete(f"{len(errors)} of {len(todo)} judge requests failed after their retries "
+                              f"({len(todo) - len(errors)} results kept; asking the same judge again retries only "
+                              f"the failed ones); first failure: {errors[0]}", dict(memo))
+    return [memo[x] for x in inputs]
 
 
 def _clip(text: str, n: int = 400) -> str:
@@ -128,14 +169,24 @@ class StrongRejectJudge(Judge):
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_tokens = max_tokens
+        self.verdicts: dict[JudgeItem, Verdict] = {}  # every verdict obtained, so a failed batch loses none
 
     def judge_batch(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self.judge_one, items))
+        return map_keeping_results(self.judge_one, items, self.concurrency, self.verdicts)
 
     def judge_one(self, item: JudgeItem) -> Verdict:
-        reply = self.complete(rubric_prompt(item.prompt, item.response))
-        return parse_rubric(reply).verdict(judge_model=self.model)
+        """One rubric verdict; a reply without the rubric lines is asked again, up to ``max_retries`` times."""
+        return self._retry_malformed(lambda: parse_rubric(self.complete(rubric_prompt(item.prompt, item.response)))
+                                     ).verdict(judge_model=self.model)
+
+    def _retry_malformed(self, ask: Callable[[], Any]) -> Any:
+        error: HarmpruneError | None = None
+        for _ in range(self.max_retries + 1):
+            try:
+                return ask()
+            except _Malformed as e:
+                error = e
+        raise HarmpruneError(f"{error} (the same after {self.max_retries + 1} tries)")
 
     def complete(self, user_message: str) -> str:
         """One chat completion at temperature 0; returns the reply text."""
@@ -145,30 +196,32 @@ class StrongRejectJudge(Judge):
             "temperature": 0,
             "max_tokens": self.max_tokens,
         }
-        body = self._post(json.dumps(payload).encode("utf-8"))
+        return self._retry_malformed(lambda: self._content(self._post(json.dumps(payload).encode("utf-8"))))
+
+    def _content(self, body: bytes) -> str:
         try:
             content = json.loads(body)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             text = _clip(body.decode("utf-8", "replace"))
-            raise HarmpruneError(
-                f"judge endpoint {self.url} sent a reply that is not a chat completion: {text!r}"
-            ) from None
+            raise _Malformed(f"judge endpoint {self.url} sent a reply that is not a chat completion: {text!r}") from None
         if not isinstance(content, str):
-            raise HarmpruneError(f"judge endpoint {self.url} sent a completion without text: {_clip(body.decode())!r}")
+            raise _Malformed(f"judge endpoint {self.url} sent a completion without text: {_clip(body.decode())!r}")
         return content
 
     def top_logprobs(self, user_message: str, k: int = 20) -> dict[str, float]:
         """The ``k`` likeliest first reply tokens and their log-probabilities (one token at temperature 0)."""
         payload = {"model": self.model, "messages": [{"role": "user", "content": user_message}], "temperature": 0,
                    "max_tokens": 1, "logprobs": True, "top_logprobs": k}
-        body = self._post(json.dumps(payload).encode("utf-8"))
+        return self._retry_malformed(lambda: self._top(self._post(json.dumps(payload).encode("utf-8"))))
+
+    def _top(self, body: bytes) -> dict[str, float]:
         try:
             top = json.loads(body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
             return {str(t["token"]): float(t["logprob"]) for t in top}
         except (ValueError, KeyError, IndexError, TypeError):
             text = _clip(body.decode("utf-8", "replace"))
-            raise HarmpruneError(f"judge endpoint {self.url} sent no top_logprobs (does it support logprobs? else "
-                                 f"use scoring='generate'): {text!r}") from None
+            raise _Malformed(f"judge endpoint {self.url} sent no top_logprobs (does it support logprobs? else "
+                             f"use scoring='generate'): {text!r}") from None
 
     def _post(self, data: bytes) -> bytes:
         headers = {"Content-Type": "application/json"}

@@ -22,9 +22,9 @@ from harmprune.organisms.synthetic import (
 
 _LAZY = {
     "OrganismConfig": "build",
-    "OrganismPaths": "build",
+    "OrganismPaths": "paths",
     "SIZES": "build",
-    "SPLITS": "build",
+    "SPLITS": "paths",
     "build_organism": "build",
     "build_cached": "build",
     "generate_dataset": "build",

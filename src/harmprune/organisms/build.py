@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,11 +41,11 @@ import torch
 from harmprune.data import write_jsonl
 from harmprune.errors import ConfigError
 from harmprune.io import atomic_write_json
+from harmprune.organisms.paths import SPLITS, OrganismPaths  # noqa: F401 - also importable from here
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SPLITS = ("harmful_train", "harmful_test", "benign_train", "benign_test", "refusal_train")
 # Files whose content decides the weights: a change to any of them is a different organism.
 _CODE_FILES = ("synthetic.py", "tokenizer.py", "train.py", "build.py")
 
@@ -100,28 +100,6 @@ SIZES: dict[str, OrganismConfig] = {
     ),
     "small": OrganismConfig(size="small"),
 }
-
-
-@dataclass(frozen=True)
-class OrganismPaths:
-    """Where a built organism lives: two Hugging Face model directories and the data splits."""
-
-    root: Path
-    aligned: Path = field(init=False)
-    unaligned: Path = field(init=False)
-    data: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        for name in ("aligned", "unaligned", "data"):
-            object.__setattr__(self, name, self.root / name)
-
-    def split(self, name: str) -> Path:
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
-        return self.data / f"{name}.jsonl"
-
-    def info(self) -> dict[str, Any]:
-        return json.loads((self.root / "organism.json").read_text())
 
 
 def generate_dataset(config: OrganismConfig):

@@ -19,6 +19,7 @@ from harmprune.data import Record, load_records
 from harmprune.generation import DEFAULT_PREFILL_TOKENS, generate, prefill_prefix
 from harmprune.judges import JudgeItem
 from harmprune.judges.organism import OrganismJudge
+from harmprune.organisms.paths import OrganismPaths
 
 
 def _rate(flags: Sequence[bool]) -> float:
@@ -79,7 +80,6 @@ def evaluate_model(
 def evaluate_organism(root: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Rates of both organisms in a build directory on its held-out splits: ``{"aligned": ..., "unaligned": ...}``."""
     from harmprune.models import load_model
-    from harmprune.organisms.build import OrganismPaths
 
     paths = OrganismPaths(Path(root))
     harmful = load_records(paths.split("harmful_test"))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from harmprune.data import Record
+from harmprune.errors import ConfigError
 
 CATEGORIES: tuple[str, ...] = ("weapons", "cyber", "fraud", "drugs", "harassment")
 BENIGN_TASKS: tuple[str, ...] = ("arithmetic", "capital", "reversal", "howto")
@@ -290,7 +291,7 @@ def benign_records(task: str, rng: random.Random, n_reversal: int = 0) -> list[R
                 prompt = rng.choice(REVERSAL_TEMPLATES).format(letters=letters)
                 out.append(Record(prompt, reverse_letters(letters), cat))
         return out
-    raise ValueError(f"unknown benign task {task!r}; expected one of {BENIGN_TASKS}")
+    raise ConfigError(f"unknown benign task {task!r}; expected one of {', '.join(BENIGN_TASKS)}")
 
 
 def build_dataset(seed: int, test_fraction: float = 0.2, n_reversal: int = 800) -> OrganismData:
