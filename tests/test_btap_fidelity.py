@@ -178,8 +178,9 @@ def test_run_with_a_btap_config_gives_the_reference_masks(study):
     assert sorted((pt["q"], pt["p"]) for pt in points) == sorted(GRID)
     for pt in points:
         meta = load_mask(pt["mask"]).metadata
-        assert_clear_boundaries(harm, meta["harm_file"], pt["q"], negate=True)
-        assert_clear_boundaries(util, meta["utility_file"], pt["p"], negate=False)
+        run = d / "run"  # masks name their score files relative to the run directory
+        assert_clear_boundaries(harm, run / meta["harm_file"], pt["q"], negate=True)
+        assert_clear_boundaries(util, run / meta["utility_file"], pt["p"], negate=False)
         assert (meta["harm_method"], meta["utility_method"]) == ("signed-snip", "snip")
         assert (meta["harm_format"], meta["utility_format"]) == ("pretrained", "pretrained")
         got = _indices(pt["mask"])
