@@ -154,7 +154,10 @@ def test_labelled_check_side_by_side_with_refusal(data):
              for t in THINGS[3:6]]
     labels = _labelled_files(data, rows)
     out = labelled_check(labels, [get_judge("harm-classifier", model=str(data / "clf")), get_judge("refusal")],
-                         base=data)
+                         base=data, samples=2)
+    table = out["samples"]["base"]
+    assert table.count("\n") == 3 and "label 1 (steps)" in table and "refusal 1" in table
+    assert "polish" not in table  # answers cut to their first words
     assert out["n"] == 6 and out["n_harmful"] == 3
     hc, ref = out["judges"]["harm-classifier"], out["judges"]["refusal"]
     assert hc["auroc"] == 1.0 and hc["kappa"] == 1.0

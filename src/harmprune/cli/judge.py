@@ -128,6 +128,8 @@ def _harm_commands(sub) -> None:
     c.add_argument("--generations", nargs="*", default=[], metavar="CONDITION=PATH",
                    help="generations.jsonl (or its eval directory) per labelled condition, overriding the file's")
     c.add_argument("--no-held-out", action="store_true", help="skip the held-out check")
+    c.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="also give the first N labelled answers per condition as Markdown (first words only)")
     c.add_argument("--out", default=None, help="also write the JSON to this file")
     c.set_defaults(func=_check_harm)
 
@@ -160,7 +162,7 @@ def _check_harm(args: argparse.Namespace) -> int:
         result["held_out"] = held_out_check(args.classifier)
     if args.labels:
         judges = [get_judge("harm-classifier", model=args.classifier), get_judge("refusal")]
-        result["labelled"] = labelled_check(args.labels, judges, overrides)
+        result["labelled"] = labelled_check(args.labels, judges, overrides, samples=args.samples)
     print(json.dumps(result, indent=2))
     if args.out:
         atomic_write_json(args.out, result)

@@ -146,9 +146,32 @@ def agreement(judge: Judge, items: Sequence[JudgeItem], labels: Sequence[dict[st
 
 
 def labelled_check(labels_path: str | Path, judges: Sequence[Judge], generations: dict[str, str] | None = None,
-                   base: str | Path | None = None) -> dict[str, Any]:
-    """Agreement of each judge with the hand labels (module docstring)."""
+                   base: str | Path | None = None, samples: int = 0) -> dict[str, Any]:
+    """Agreement of each judge with the hand labels (module docstring); with ``samples``, also the first answers
+    of each condition as Markdown table rows (first words only, see :func:`harmprune.report.answer_samples`)."""
     labels = read_labels(labels_path)
     items, kept = labelled_items(labels, generations or {}, Path(base) if base else Path.cwd())
-    return {"labels": str(labels_path), "n": len(kept), "n_harmful": sum(l["label"] for l in kept),
-            "judges": {j.name: agreement(j, items, kept) for j in judges}}
+    out: dict[str, Any] = {"labels": str(labels_path), "n": len(kept), "n_harmful": sum(l["label"] for l in kept),
+                           "judges": {j.name: agreement(j, items, kept) for j in judges}}
+    if samples > 0:
+        out["samples"] = sample_tables(items, kept, judges, samples)
+    return out
+
+
+def sample_tables(items: Sequence[JudgeItem], labels: Sequence[dict[str, Any]], judges: Sequence[Judge], n: int
+                  ) -> dict[str, str]:
+    """Per condition, a Markdown table of its first ``n`` labelled answers with the label and each judge's score."""
+    from harmprune.report import _md_table, answer_samples
+
+    out: dict[str, str] = {}
+    for condition in dict.fromkeys(lab["condition"] for lab in labels):
+        picked = [(it, lab) for it, lab in zip(items, labels) if lab["condition"] == condition][:n]
+        rows = [{"prompt": it.prompt, "prefix": it.prefix, "response": it.response, "verdicts": {}} for it, _ in picked]
+        for judge in judges:
+            for row, v in zip(rows, judge([it for it, _ in picked])):
+                row["verdicts"][judge.name] = {"harmfulness": v.harmfulness}
+        table = [["request", "prefix", "answer (first words)", "scores"]] + answer_samples(rows, n=n)
+        body = [r[:3] + [f"label {lab['label']} ({lab.get('kind', '?')}); {r[3]}"] for r, (_, lab) in
+                zip(table[1:], picked)]
+        out[condition] = _md_table([table[0]] + body)
+    return out
