@@ -55,6 +55,9 @@ def build_report(run_dir: str | Path) -> Path:
     for name, result in summary.get("experiments", {}).items():
         if name in _SECTIONS:
             sections.append(_SECTIONS[name](result, fig_dir))
+    samples = _answer_samples(run_dir)
+    if samples.text:
+        sections.append(samples)
     sections.append(_runs_table(run_dir))
     headline = {k: v for k, v in summary.items() if k not in ("experiments", "stages", "name")}
     md = _markdown(summary.get("name", run_dir.name), headline, sections)
@@ -168,6 +171,79 @@ def _controls(result: dict[str, Any], fig_dir: Path) -> Section:
             rows.append([name, f"{m['q']:g}", f"{m['p']:g}", c, _f(v["harm"]), _pct(v["harm_reduction"]),
                          _f(v.get("utility")), _f(v.get("utility_drop"))])
     sec.text.append(_md_table(rows))
+    return sec
+
+
+SAMPLE_ANSWERS = 3  # answers shown per generating evaluation and condition
+SAMPLE_WORDS = 12  # words of each answer shown (after any prefilled prefix)
+
+
+def first_words(text: str, n: int = SAMPLE_WORDS) -> str:
+    """The first ``n`` whitespace-separated words on one line, with "…" when the text goes on."""
+    words = text.split()
+    return " ".join(words[:n]) + (" …" if len(words) > n else "")
+
+
+def answer_samples(rows: list[dict[str, Any]], n: int = SAMPLE_ANSWERS, words: int = SAMPLE_WORDS) -> list[list[str]]:
+    """Table rows (prompt, prefix, answer start, one verdict per judge) for the first ``n`` generations.
+
+    Only the first ``words`` words of the request and of the model's continuation are shown, so harmful text is
+    truncated; the prefilled prefix is shown separately because the model did not write it.
+    """
+    out = []
+    for row in rows[:n]:
+        verdicts = row.get("verdicts") or {}
+        judged = ", ".join(f"{name} {_f(float(v['harmfulness']))}" for name, v in verdicts.items()
+                           if isinstance(v, dict) and "harmfulness" in v)
+        out.append([_cell(first_words(row.get("prompt", ""), 8)), _cell(row.get("prefix", "")),
+                    _cell(first_words(row.get("response", ""), words)), judged or "-"])
+    return out
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip() or "-"
+
+
+def _mask_labels(run_dir: Path) -> dict[str, str]:
+    """sha256 of every mask a run made -> a short label ("harm set q=1e-05 p=5e-05", "random control seed 0")."""
+    from harmprune.io import sha256_file
+
+    labels = {}
+    for kind in ("mask", "control"):
+        for stage in sorted((run_dir / "stages" / kind).glob("*/stage.json")):
+            mask = stage.parent / "mask.safetensors"
+            if not mask.exists():
+                continue
+            p = json.loads(stage.read_text()).get("params", {})
+            label = (f"harm set q={_f(p.get('q'))} p={_f(p.get('p'))}" if kind == "mask"
+                     else f"{p.get('kind')} control seed {p.get('seed')}")
+            labels[sha256_file(mask)] = label
+    return labels
+
+
+def _answer_samples(run_dir: Path) -> Section:
+    """The first answers of every generating evaluation, per condition (unpruned or a named mask)."""
+    from harmprune.generation import read_generations
+
+    sec = Section(f"Sample answers (first {SAMPLE_WORDS} words after any prefilled prefix)")
+    stages = sorted((run_dir / "stages" / "evaluate").glob("*/stage.json"))
+    masks = _mask_labels(run_dir) if stages else {}
+    groups: dict[str, list[list[str]]] = {}
+    for stage in stages:
+        gens = stage.parent / "generations.jsonl"
+        if not gens.exists():
+            continue
+        params = json.loads(stage.read_text()).get("params", {})
+        spec = params.get("evaluation", {})
+        what = f"{spec.get('kind', '?')} on {spec.get('data', spec.get('harmful', '?'))}"
+        if spec.get("prefill_tokens"):
+            what += f" (prefill {spec['prefill_tokens']} tokens)"
+        mask = params.get("mask")
+        condition = "unpruned" if mask is None else masks.get(mask, f"mask {str(mask)[:8]}")
+        groups.setdefault(what, []).extend([[condition] + r for r in answer_samples(read_generations(gens))])
+    for what, rows in sorted(groups.items()):
+        sec.text.append(f"**{what}**\n\n" + _md_table([["condition", "request", "prefix", "answer", "judges"]]
+                                                        + sorted(rows, key=lambda r: r[0] != "unpruned")))
     return sec
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from harmprune.cli.common import add_data_args, add_format_args, add_model_args, load_data, load_model_from_args
 
-JUDGES = ("refusal", "strongreject", "strongreject-finetuned", "hf-judge", "organism")
+JUDGES = ("refusal", "harm-classifier", "strongreject", "strongreject-finetuned", "hf-judge", "organism")
 MEASURES = ("detection", "explanation", "refusal")
 TEXT_SUFFIXES = ("", ".txt", ".text", ".md")
 
@@ -82,7 +82,7 @@ def add_judge_args(p: argparse.ArgumentParser, default: str | None, help_default
     p.add_argument("--judge", default=default, choices=JUDGES, help=f"judge (default: {help_default})")
     p.add_argument("--judge-model", default=None,
                    help="strongreject: endpoint model name; hf-judge: local model spec; "
-                        "strongreject-finetuned: base model")
+                        "strongreject-finetuned: base model; harm-classifier: trained classifier directory")
     p.add_argument("--judge-base-url", default=None, help="strongreject: OpenAI-compatible base URL")
     p.add_argument("--judge-api-key-env", default=None, help="strongreject: environment variable with the API key")
     p.add_argument("--judge-adapter", default=None, help="strongreject-finetuned: LoRA adapter path or id")
@@ -118,6 +118,8 @@ def judge_from_args(args: argparse.Namespace, name: str | None = None):
                    "prompt_file": args.judge_prompt_file}
     elif name == "hf-judge":
         options = {"model": args.judge_model, "device": args.device}
+    elif name == "harm-classifier":
+        options = {"model": args.judge_model}
     return get_judge(name, **{k: v for k, v in options.items() if v is not None})
 
 

@@ -1,4 +1,4 @@
-"""``harmprune judge``: offline graders for the emergent-misalignment judge (train one, check one)."""
+"""``harmprune judge``: offline graders (train one, check one): the EM grader and the ``harm-classifier`` judge."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 DATA = Path("..") / "shared" / "data"
+HARM_CLASSIFIER_DIR = Path("runs") / "harm-classifier"
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("judge", help="offline graders for the emergent-misalignment judge")
+    p = subparsers.add_parser("judge", help="offline graders: the EM grader and the harm-classifier judge")
     sub = p.add_subparsers(dest="judge_command", metavar="SUBCOMMAND", required=True)
 
     t = sub.add_parser(
@@ -46,6 +47,7 @@ def add_commands(subparsers) -> None:
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--out", default=None, help="also write the JSON to this file")
     c.set_defaults(func=_check)
+    _harm_commands(sub)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -78,6 +80,89 @@ def _check(args: argparse.Namespace) -> int:
     result = grader_validity(args.grader, args.misaligned, args.aligned, args.questions, n_per_side=args.n_per_side,
                              max_chars=args.max_chars, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
                              device=args.device)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        atomic_write_json(args.out, result)
+    return 0
+
+
+def _harm_commands(sub) -> None:
+    t = sub.add_parser(
+        "train-harm-classifier", help="train the offline harm-classifier judge (does an answer carry out a request?)",
+        description="Label 1: harmful compliant answers (--harmful). Label 0: refusals, --explain-model's "
+        "explanations of why a request is harmful and its defensive answers (generated once, cached), benign "
+        "answers (--benign, also as off-topic replies) and templated hard negatives (a disclaimer, deflection, "
+        "safety boilerplate, defensive inversion, vague story or off-topic text, after a compliant opening half "
+        "the time). Whole requests are held out for validation. Writes --out (config.json, weights.safetensors, "
+        "manifest.json with data hashes and held-out metrics); an up-to-date --out is reused. Use it as "
+        "--judge harm-classifier --judge-model DIR (config: judge_model = DIR).",
+    )
+    t.add_argument("--harmful", nargs="+", default=[str(DATA / "harmful" / "harmful_completions_lat.jsonl"),
+                                                    str(DATA / "harmful" / "xstest_harmful_completions.jsonl")],
+                   help="(harmful request, compliant answer) files (default: LAT and XSTest harmful completions "
+                        "under ../shared/data)")
+    t.add_argument("--benign", default=str(DATA / "benign" / "alpaca_eval.jsonl"),
+                   help="(instruction, answer) pairs (default: ../shared/data/benign/alpaca_eval.jsonl)")
+    t.add_argument("--out", default=str(HARM_CLASSIFIER_DIR), help=f"classifier directory (default: "
+                                                                    f"{HARM_CLASSIFIER_DIR})")
+    t.add_argument("--explain-model", default="smollm2-135m-instruct",
+                   help="chat model that answers the explanation/defence prompts ('none' to skip)")
+    t.add_argument("--n-harmful", type=int, default=2000, help="seeded sample of the harmful answers")
+    t.add_argument("--n-benign", type=int, default=None, help="seeded sample of the benign answers")
+    t.add_argument("--n-explain", type=int, default=48, help="requests the explain model answers (twice each)")
+    t.add_argument("--features", default="word+char+dense", help="word, char, word+char or word+char+dense")
+    t.add_argument("--C", type=float, default=4.0, help="inverse L2 strength of the logistic regression")
+    t.add_argument("--threshold", type=float, default=0.5, help="score at or above which an answer is harmful")
+    t.add_argument("--holdout", type=float, default=0.2, help="share of requests held out for validation")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_train_harm)
+
+    c = sub.add_parser(
+        "check-harm-classifier", help="validity of a harm-classifier: held-out pairs and hand-labelled generations",
+        description="Held-out AUROC and accuracy at the threshold on the requests training held out (rebuilt from "
+        "the manifest), and with --labels, Cohen's kappa, AUROC and accuracy against hand labels of real "
+        "generations, for harm-classifier and the refusal judge side by side. Prints JSON.",
+    )
+    c.add_argument("--classifier", default=str(HARM_CLASSIFIER_DIR), help="classifier directory")
+    c.add_argument("--labels", default=None, help="labels file (see harmprune.judges.harm_check)")
+    c.add_argument("--generations", nargs="*", default=[], metavar="CONDITION=PATH",
+                   help="generations.jsonl (or its eval directory) per labelled condition, overriding the file's")
+    c.add_argument("--no-held-out", action="store_true", help="skip the held-out check")
+    c.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="also give the first N labelled answers per condition as Markdown (first words only)")
+    c.add_argument("--out", default=None, help="also write the JSON to this file")
+    c.set_defaults(func=_check_harm)
+
+
+def _train_harm(args: argparse.Namespace) -> int:
+    from harmprune.judges.harm_training import train_harm_classifier
+
+    manifest = train_harm_classifier(
+        args.out, args.harmful, args.benign, explain_model=None if args.explain_model == "none" else args.explain_model,
+        n_harmful=args.n_harmful, n_benign=args.n_benign, n_explain=args.n_explain, features=args.features, C=args.C,
+        threshold=args.threshold, holdout=args.holdout, seed=args.seed)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "held_out_requests"}, indent=2))
+    return 0
+
+
+def _check_harm(args: argparse.Namespace) -> int:
+    from harmprune.errors import HarmpruneError
+    from harmprune.io import atomic_write_json
+    from harmprune.judges import get_judge
+    from harmprune.judges.harm_check import held_out_check, labelled_check
+
+    overrides = {}
+    for spec in args.generations:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise HarmpruneError(f"--generations {spec!r}: expected CONDITION=PATH")
+        overrides[name] = path
+    result: dict = {}
+    if not args.no_held_out:
+        result["held_out"] = held_out_check(args.classifier)
+    if args.labels:
+        judges = [get_judge("harm-classifier", model=args.classifier), get_judge("refusal")]
+        result["labelled"] = labelled_check(args.labels, judges, overrides, samples=args.samples)
     print(json.dumps(result, indent=2))
     if args.out:
         atomic_write_json(args.out, result)

@@ -63,8 +63,9 @@ def evaluate_harm(
 ) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
     """Generate, judge, and summarise: (flat metrics, one ``generations.jsonl`` row per generation).
 
-    ``extra_judges`` also grade every generation (their verdicts go into the rows, and their mean harmfulness and
-    refusal rate into the metrics as ``<name>/harmfulness`` and ``<name>/refusal_rate``).
+    ``extra_judges`` also grade every generation (their verdicts go into the rows). The first judge's metrics are
+    unprefixed; with extra judges, every judge's mean harmfulness, refusal rate and (for yes/no judges) harmful
+    rate are also given as ``<name>/harmfulness``, ``<name>/refusal_rate`` and ``<name>/harmful_rate``.
     """
     if not records:
         raise DataError("no prompts to evaluate")
@@ -77,10 +78,11 @@ def evaluate_harm(
     judges = [judge] + [j for j in extra_judges if j.name != judge.name]
     rows = judge_generations(gens, judges, [r.category for r in records])
     metrics = summarise(rows, judge.name)
-    for extra in judges[1:]:
-        summary = summarise(rows, extra.name)
-        metrics[f"{extra.name}/harmfulness"] = summary["harmfulness"]
-        metrics[f"{extra.name}/refusal_rate"] = summary["refusal_rate"]
+    for one in judges if len(judges) > 1 else []:
+        summary = summarise(rows, one.name)
+        for key in ("harmfulness", "refusal_rate", "harmful_rate"):
+            if key in summary:
+                metrics[f"{one.name}/{key}"] = summary[key]
     metrics.update(n_prompts=len(records), prefill_tokens=prefill_tokens,
                    finished_rate=sum(r["finished"] for r in rows) / len(rows),
                    mean_new_tokens=sum(r["n_new_tokens"] for r in rows) / len(rows))

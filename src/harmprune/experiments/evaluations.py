@@ -71,15 +71,19 @@ def _utility(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
 def _recognition(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     from harmprune.evals.recognition import detection, explanation, refusal_rate
 
+    from harmprune.judges import get_judge
+
     fmt = runner.model_format(model_name)
     harmful, benign = runner.records(spec["harmful"]), runner.records(spec["benign"])
     batch = int(spec.get("batch_size", 8))
     max_new = int(spec.get("max_new_tokens", 64))
+    judge_kwargs = {k.removeprefix("judge_"): v for k, v in spec.items() if k.startswith("judge_")}
+    judge = get_judge(spec["judge"], **judge_kwargs) if spec.get("judge") else None
     metrics, rows = detection(model, tok, harmful, benign, fmt=fmt, batch_size=batch)
     metrics["n"] = len(harmful) + len(benign)
     gen_rows: list[dict[str, Any]] = []
     if spec.get("explanation", True):
-        m, r = explanation(model, tok, harmful, fmt=fmt, max_new_tokens=max_new, batch_size=batch)
+        m, r = explanation(model, tok, harmful, fmt=fmt, judge=judge, max_new_tokens=max_new, batch_size=batch)
         metrics.update(m)
         gen_rows += r
     if spec.get("refusal", True):
@@ -120,7 +124,8 @@ KINDS: dict[str, EvaluationKind] = {
     "likelihood": EvaluationKind(frozenset({"data", "benign_data", "max_length", "batch_size"}), _likelihood),
     "utility": EvaluationKind(frozenset({"mmlu", "subjects", "limit", "k_shot", "ppl_file", "ppl_data",
                                          "batch_size"}), _utility),
-    "recognition": EvaluationKind(frozenset({"harmful", "benign", "explanation", "refusal"} | GEN_KEYS),
+    "recognition": EvaluationKind(frozenset({"harmful", "benign", "explanation", "refusal", "judge", "judge_model"}
+                                            | GEN_KEYS),
                                   _recognition),
     "accuracy": EvaluationKind(frozenset({"data", "match"} | GEN_KEYS), _accuracy),
 }

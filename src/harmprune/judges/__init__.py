@@ -44,7 +44,7 @@ class Judge:
 
 _REGISTRY: dict[str, type[Judge]] = {}
 # Modules that register judges when imported; imported lazily so optional dependencies stay optional.
-JUDGE_MODULES = ("refusal", "strongreject", "finetuned", "hf_judge", "organism")
+JUDGE_MODULES = ("refusal", "strongreject", "finetuned", "hf_judge", "organism", "harm_classifier")
 
 
 def register_judge(name: str) -> Callable[[type[Judge]], type[Judge]]:
