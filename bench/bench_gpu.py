@@ -19,6 +19,8 @@ FLOPs counted: 6 per weight per token for the decoder's linear layers (forward, 
 
     python bench/bench_gpu.py                  # on the GPU machine (one call, ≤ 8 minutes on one H200)
     python bench/bench_gpu.py --tiny           # the same code on the CPU with a tiny Llama config (seconds)
+    python bench/bench_gpu.py --activations-only --widths llama-3.1-8b --layers 1 --dtype bfloat16 \
+        --batch-size 2 --max-length 256           # stage 3 alone (the plan's per-layer check), CPU unless a GPU
 
 Every stage prints one ``ROW {json}`` line as it finishes and a Markdown table at the end (``--json`` also
 writes the rows to a file), so a run cut short still reports the stages it finished.
@@ -39,12 +41,14 @@ import torch
 
 from harmprune.plan import _LLAMA_8B, DTYPE_BYTES, Workload, shape_from_config, single_gpu
 
+SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": False}
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0}  # dense bf16 without sparsity (vendor figure, ~989 with SXM boost)
 ROWS = ("activations saved for backward", "likelihood (harmprune)", "likelihood (plain forward)", "generation", "scoring signed-snip",
-        "scoring snip", "write score files", "read score files", "select matrix", "select global",
+        "write signed-snip scores", "scoring snip", "write snip scores", "read score files", "select matrix", "select global",
         "select sweep (4 q, matrix)", "generation with mask")
 
 
@@ -60,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--p", type=float, default=5e-5)
     ap.add_argument("--score-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--activations-only", action="store_true", help="only the saved-activation check")
+    ap.add_argument("--widths", default="llama-3.1-8b", choices=["llama-3.1-8b", "smollm2-135m", "tiny"],
+                    help="--activations-only: whose layer widths")
+    ap.add_argument("--layers", type=int, default=None, help="--activations-only: decoder layers to build")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="--activations-only: dtype")
     args = ap.parse_args(argv)
     small = args.tiny
     args.examples = args.examples or (8 if small else 412)
@@ -94,9 +103,14 @@ class Bench:
             return torch.cuda.max_memory_allocated()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def row(self, stage: str, began: float, **values) -> dict:
+    def elapsed(self, began: float) -> float:
         self.sync()
-        row = {"stage": stage, "seconds": round(time.perf_counter() - began, 3), **values}
+        return time.perf_counter() - began
+
+    def row(self, stage: str, began: float | None = None, seconds: float | None = None, **values) -> dict:
+        """Record and print one finished stage (its time: since ``began``, or ``seconds``)."""
+        seconds = self.elapsed(began) if seconds is None else seconds
+        row = {"stage": stage, "seconds": round(seconds, 3), **values}
         self.rows.append(row)
         print("ROW " + json.dumps(row), flush=True)
         return row
@@ -131,8 +145,13 @@ def build_model(config: dict, dtype: torch.dtype, device: torch.device):
 
     cfg = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialised in its dtype, on its device: no float32 copy of 8B weights
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     return model.eval()
 
 
@@ -196,8 +215,7 @@ def likelihood_stage(bench: Bench, model, tok, records, max_length: int) -> None
     harmful_likelihood(model, tok, records[:2], "raw", max_length)  # warm-up, for both variants alike
     began = bench.start()
     out = harmful_likelihood(model, tok, records, "raw", max_length)
-    ours = bench.row("likelihood (harmprune)", began, examples=len(records), response_tokens=out["tokens"],
-                     peak_bytes=bench.peak())
+    ours, ours_peak = bench.elapsed(began), bench.peak()
     examples = [encode_pair(tok, r.prompt, r.response, "raw", max_length) for r in records]
     batches = token_batches([len(e.input_ids) for e in examples], 64, DEFAULT_BATCH_TOKENS)
     began = bench.start()
@@ -206,12 +224,13 @@ def likelihood_stage(bench: Bench, model, tok, records, max_length: int) -> None
             enc = collate_for_loss([examples[i] for i in b], pad_id_of(tok))
             model(input_ids=enc["input_ids"].to(bench.device), attention_mask=enc["attention_mask"].to(bench.device),
                   use_cache=False).logits.float().sum()
+    plain = bench.elapsed(began)
     tokens = sum(len(e.input_ids) for e in examples)
-    plain = bench.row("likelihood (plain forward)", began, examples=len(records), tokens=tokens,
-                      batches=len(batches), peak_bytes=bench.peak())
-    ours["tokens_per_s"] = round(tokens / ours["seconds"], 1)
-    plain["tokens_per_s"] = round(tokens / plain["seconds"], 1)
-    ours["vs_plain_forward"] = round(ours["seconds"] / plain["seconds"], 3)
+    bench.row("likelihood (harmprune)", seconds=ours, examples=len(records), tokens=tokens,
+              response_tokens=out["tokens"], tokens_per_s=round(tokens / ours, 1),
+              vs_plain_forward=round(ours / plain, 3), peak_bytes=ours_peak)
+    bench.row("likelihood (plain forward)", seconds=plain, examples=len(records), tokens=tokens, batches=len(batches),
+              tokens_per_s=round(tokens / plain, 1), peak_bytes=bench.peak())
 
 
 def generation_stage(bench: Bench, model, tok, prompts, args, mask=None, stage: str = "generation") -> None:
@@ -222,9 +241,9 @@ def generation_stage(bench: Bench, model, tok, prompts, args, mask=None, stage: 
     with pruned(model, mask):
         gens = generate(model, tok, prompts, fmt="raw", max_new_tokens=args.new_tokens, batch_size=args.gen_batch,
                         progress=False)
-    row = bench.row(stage, began, batch=len(prompts), new_tokens=sum(g.n_new_tokens for g in gens),
-                    max_new_tokens=args.new_tokens, peak_bytes=bench.peak())
-    row["tokens_per_s"] = round(row["new_tokens"] / row["seconds"], 1)
+    seconds, new = bench.elapsed(began), sum(g.n_new_tokens for g in gens)
+    bench.row(stage, seconds=seconds, batch=len(prompts), new_tokens=new, max_new_tokens=args.new_tokens,
+              tokens_per_s=round(new / seconds, 1), peak_bytes=bench.peak())
 
 
 def scoring_stage(bench: Bench, model, tok, records, method: str, shape, args, path: Path) -> None:
@@ -235,31 +254,25 @@ def scoring_stage(bench: Bench, model, tok, records, method: str, shape, args, p
     began = bench.start()
     scores = compute_scores(model, tok, records, method, fmt="raw", max_length=args.max_length,
                             batch_size=args.batch_size, progress=False)
-    peak = bench.peak()
-    row = bench.row(f"scoring {method}", began, examples=len(records), response_tokens=scores.metadata["tokens"],
-                    peak_bytes=peak)
+    seconds, peak = bench.elapsed(began), bench.peak()
+    row = {"examples": len(records), "response_tokens": scores.metadata["tokens"], "peak_bytes": peak}
     tokens = sum(min(args.max_length, len(tok(r.prompt)["input_ids"]) + len(tok(r.response)["input_ids"]))
                  for r in records)
     work = Workload(method=method, dtype=dtype, batch_size=args.batch_size, max_length=args.max_length)
     plan = sum(single_gpu(shape, work).values())
     row.update({"tokens": tokens, "plan_bytes": plan, "peak_vs_plan": round(peak / plan, 3),
                 "tflops": round(flops(shape, tokens, row["response_tokens"], len(records), args.max_length, True)
-                                / row["seconds"] / 1e12, 2)})
+                                / seconds / 1e12, 2)})
     if chip_peak(bench.device):
         row["of_chip_peak"] = round(row["tflops"] / chip_peak(bench.device), 3)
+    bench.row(f"scoring {method}", seconds=seconds, **row)
     began = bench.start()
     save_tensors({n: t.to(getattr(torch, args.score_dtype)).cpu() for n, t in scores.tensors.items()}, path,
                  scores.metadata)
-    write = bench.row("write score files", began, file=path.name, bytes=path.stat().st_size)
+    bench.row(f"write {method} scores", began, file=path.name, bytes=path.stat().st_size)
     del scores
     if bench.device.type == "cuda":
         torch.cuda.empty_cache()
-    prior = [r for r in bench.rows[:-1] if r["stage"] == "write score files"]
-    if prior:  # one row for both files
-        first = prior[0]
-        first.update(seconds=round(first["seconds"] + write["seconds"], 3), bytes=first["bytes"] + write["bytes"],
-                     file=f"{first['file']} + {write['file']}")
-        bench.rows.pop()
 
 
 def selection_stage(bench: Bench, harm_path: Path, util_path: Path, args):
@@ -271,19 +284,21 @@ def selection_stage(bench: Bench, harm_path: Path, util_path: Path, args):
     for f in (harm, util):
         for n in f.names():
             f.get(n).to(bench.device).float().sum()
-    read = bench.row("read score files", began, bytes=harm_path.stat().st_size + util_path.stat().st_size)
+    read = bench.row("read score files", began, bytes=harm_path.stat().st_size + util_path.stat().st_size)["seconds"]
     mask = None
     for granularity in ("matrix", "global"):
         began = bench.start()
         m = select(harm, util, args.q, args.p, granularity, device=bench.device)
-        row = bench.row(f"select {granularity}", began, q=args.q, p=args.p, selected=m.count(), peak_bytes=bench.peak())
-        row["vs_read"] = round(row["seconds"] / read["seconds"], 2)
+        seconds = bench.elapsed(began)
+        bench.row(f"select {granularity}", seconds=seconds, q=args.q, p=args.p, selected=m.count(),
+                  vs_read=round(seconds / read, 2), peak_bytes=bench.peak())
         mask = mask or m
     qs = [args.q * f for f in (1, 3, 10, 30)]
     began = bench.start()
     grid = select_grid(harm, util, qs, [args.p], "matrix", device=bench.device)
-    row = bench.row("select sweep (4 q, matrix)", began, qs=qs, selected=[grid[(q, args.p)].count() for q in qs])
-    row["vs_read"] = round(row["seconds"] / read["seconds"], 2)
+    seconds = bench.elapsed(began)
+    bench.row("select sweep (4 q, matrix)", seconds=seconds, qs=qs, selected=[grid[(q, args.p)].count() for q in qs],
+              vs_read=round(seconds / read, 2))
     return mask
 
 
@@ -333,8 +348,23 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def activations_only(args: argparse.Namespace) -> None:
+    config = {"llama-3.1-8b": _LLAMA_8B, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}[args.widths]
+    config = {**config, "num_hidden_layers": args.layers or config["num_hidden_layers"]}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model = build_model(config, getattr(torch, dtype), device)
+    tok = word_tokenizer(config["vocab_size"])
+    records = random_records(args.batch_size, args.max_length, config["vocab_size"])
+    shape = shape_from_config(config, args.widths, "bench_gpu")
+    activation_stage(Bench(device), model, tok, records, shape, args, dtype)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.activations_only:
+        activations_only(args)
+        return
     if not args.tiny:
         torch.backends.cuda.matmul.allow_tf32 = True
     start = time.perf_counter()

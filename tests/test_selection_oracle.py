@@ -81,7 +81,11 @@ def tied_scores(seed: int) -> dict[str, torch.Tensor]:
     special[special == -2] = -float("inf")
     big = torch.randint(-50, 50, (640, 512), generator=g).float()  # > _EXACT_BELOW: the sampled candidates
     big[:, :7] = 49.0  # a block of the top value much larger than any small k
-    return {"model.layers.0.a": ints, "model.layers.0.b": rows, "model.layers.1.a": same,
+    odd = torch.randint(-3, 4, (160, 128), generator=g).float()  # special floats on the block-maxima path
+    odd[odd == 3] = float("nan")
+    odd[odd == -3] = -0.0
+    odd[odd == 2] = float("inf")
+    return {"model.layers.3.a": odd, "model.layers.0.a": ints, "model.layers.0.b": rows, "model.layers.1.a": same,
             "model.layers.1.b": special, "model.layers.2.a": big, "model.layers.2.b": torch.randn(5, 8, generator=g)}
 
 
@@ -193,18 +197,26 @@ def test_sampled_threshold_and_its_fallback(monkeypatch):
     positions hold the largest values), the exact k-th value is found instead; both give the oracle's set."""
     monkeypatch.setattr(selection, "_SAMPLE", 64)
     monkeypatch.setattr(selection, "_EXACT_BELOW", 10)
+    monkeypatch.setattr(selection, "_SMALL", 10)  # block maxima, recursively, even on 1000 entries
     g = torch.Generator().manual_seed(1)
     flat = torch.randint(0, 5, (1000,), generator=g).float()
-    for adversarial in (False, True):
+    for case in ("ties", "adversarial", "special"):
         t = flat.clone()
-        if adversarial:
+        if case == "adversarial":
             t[torch.arange(64) * selection._SPREAD % 1000] = 100.0
+        if case == "special":
+            t[t == 4] = float("nan")
+            t[t == 3] = -0.0
+            t[::97] = -float("inf")
         for k in (0, 1, 5, 63, 64, 65, 100, 400, 999, 1000, 1500):
             for negate in (False, True):
                 support_ = -t if negate else t
-                assert torch.equal(selection._top(t, k, False, negate), old_top_k_flat(support_, k)), (k, negate)
+                assert torch.equal(selection._top(t, k, False, negate), old_top_k_flat(support_, k)), (case, k)
                 order = torch.sort(support_, descending=True, stable=True).indices
-                assert torch.equal(selection._top(t, k, True, negate), order[: min(k, 1000)]), (k, negate)
+                assert torch.equal(selection._top(t, k, True, negate), order[: min(k, 1000)]), (case, k)
+    scores = {"a": flat.view(40, 25), "b": t.view(25, 40), "c": -t.view(50, 20)}
+    for f in (0.001, 0.01, 0.1, 0.5):
+        assert_same(select_global(scores, f), old_select_global(scores, f), f)
 
 
 def test_select_counts_equals_oracle():

@@ -15,9 +15,9 @@ size, i intermediate size, q and kv the query and key/value widths (heads × hea
   where the head runs at the response positions only; FSDP computes the logits of all T). With gradient
   checkpointing each layer keeps only its input (T × h × a) and one layer is recomputed at a time. wanda runs
   without gradients: one layer's T × (2h + 2i) × a plus T × V × a.
-  The per-layer term was checked against the bytes autograd actually saves (``bench/bench_gpu.py``'s
-  activation stage, on the CPU: 0.94× of it in float32 at SmolLM2-135M widths, 0.99× in bfloat16 at
-  Llama-3.1-8B widths; see bench/RESULTS.md).
+  The per-layer term was checked against the bytes autograd saves (``bench/bench_gpu.py --activations-only``,
+  on the CPU): those are 0.94× the term in float32 at SmolLM2-135M widths and 0.99× in bfloat16 at
+  Llama-3.1-8B widths (bench/RESULTS.md).
 * transients: signed-snip turns one weight gradient at a time into float32 (largest matrix × (a + 4)); snip
   builds per-example gradients (batch × largest matrix × 4).
 * FSDP2 over N GPUs, per GPU: sharded weights and accumulators (÷ N), the root's embedding and head kept whole
