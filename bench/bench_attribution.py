@@ -6,6 +6,12 @@ subprocess so its peak resident memory is its own. The reference is O(layers × 
 it runs on the first few examples only and both are compared per example (and checked equal on those examples).
 
     .venv/bin/python bench/bench_attribution.py [--n-examples 64 --reference-examples 8 --dtype float32]
+
+``--parts likelihood`` measures forward-only throughput instead: ``harmful_likelihood`` (what ``eval likelihood``
+runs: token-budget batches, the head at response positions only) against a plain forward (full logits) of the
+same batches, each in its own subprocess, in tokens per second.
+
+    .venv/bin/python bench/bench_attribution.py --parts likelihood [--n-examples 128 --max-length 256]
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ def worker(args) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = scored_parameters(model)
     start = time.perf_counter()
+    if args.worker in ("likelihood", "forward"):
+        return forward_only(args, model, tok, records, rss_before)
     if args.worker == "batched":
         scores = compute_scores(model, tok, records, "signed-snip", max_length=args.max_length,
                                 batch_size=args.batch_size, progress=False)
@@ -66,6 +74,28 @@ def worker(args) -> dict:
 
         save_file({k: v.contiguous() for k, v in tensors.items()}, args.save)
     return out
+
+
+def forward_only(args, model, tok, records, rss_before: int) -> dict:
+    """Tokens/s of ``harmful_likelihood`` or of a plain forward of the same token-budget batches."""
+    import torch
+
+    from harmprune.evals.likelihood import harmful_likelihood
+    from harmprune.evals.scoring import token_batches
+    from harmprune.formatting import collate_for_loss, encode_pair, pad_id_of
+
+    examples = [encode_pair(tok, r.prompt, r.response, "chat", args.max_length) for r in records]
+    start = time.perf_counter()
+    if args.worker == "likelihood":
+        harmful_likelihood(model, tok, records, "chat", args.max_length, args.eval_batch_size, args.max_batch_tokens)
+    else:
+        with torch.no_grad():
+            for b in token_batches([len(e.input_ids) for e in examples], args.eval_batch_size, args.max_batch_tokens):
+                enc = collate_for_loss([examples[i] for i in b], pad_id_of(tok))
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).logits.sum()
+    return {"variant": args.worker, "examples": len(records), "tokens": sum(len(e.input_ids) for e in examples),
+            "seconds": time.perf_counter() - start, "rss_before_bytes": rss_before * 1024,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def reference_per_layer(model, tok, records, params, max_length):
@@ -135,7 +165,8 @@ def matmul_rate(threads: int, dtype: str) -> float:
 def run_worker(args, variant: str, limit: int, save: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--limit", str(limit), "--model", args.model,
            "--data", str(args.data), "--n-examples", str(args.n_examples), "--max-length", str(args.max_length),
-           "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads)]
+           "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads),
+           "--eval-batch-size", str(args.eval_batch_size), "--max-batch-tokens", str(args.max_batch_tokens)]
     if save:
         cmd += ["--save", str(save)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -161,7 +192,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--worker", choices=["batched", "reference", "plain"], default=None)
+    ap.add_argument("--parts", nargs="+", default=["attribution"], choices=["attribution", "likelihood"])
+    ap.add_argument("--eval-batch-size", type=int, default=64, help="likelihood: rows per batch at most")
+    ap.add_argument("--max-batch-tokens", type=int, default=4096, help="likelihood: padded tokens per batch")
+    ap.add_argument("--worker", choices=["batched", "reference", "plain", "likelihood", "forward"], default=None)
     ap.add_argument("--limit", type=int, default=None, help="(worker) score only the first N sampled examples")
     ap.add_argument("--save", default=None)
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
@@ -170,6 +204,12 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
+    if "likelihood" in args.parts:
+        # alternate the two so that a change in the machine's load falls on both alike
+        runs = [run_worker(args, v, args.n_examples) for _ in range(2) for v in ("likelihood", "forward")]
+        write_likelihood_report(args, runs)
+    if "attribution" not in args.parts:
+        return
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,6 +270,33 @@ def write_report(args, full: dict, subset: dict, ref: dict, plain: dict, err: fl
     ]
     print("\n".join(lines))
     update_section(args.results, "## Attribution (signed-snip)", "\n".join(lines))
+
+
+def write_likelihood_report(args, runs: list[dict]) -> None:
+    best = {v: min((r for r in runs if r["variant"] == v), key=lambda r: r["seconds"]) for v in ("likelihood", "forward")}
+    ours, plain = best["likelihood"], best["forward"]
+    heading = "## Likelihood throughput (eval likelihood vs a plain forward)"
+    lines = [
+        heading,
+        "",
+        f"Command: `.venv/bin/python bench/bench_attribution.py --parts likelihood --n-examples {args.n_examples} "
+        f"--max-length {args.max_length} --eval-batch-size {args.eval_batch_size} --max-batch-tokens "
+        f"{args.max_batch_tokens} --dtype {args.dtype} --threads {args.threads}`",
+        f"Model `{args.model}`, data `{args.data.name}`, {args.threads} threads, {args.dtype}; {machine()}; load "
+        f"average at the end {open('/proc/loadavg').read().split()[0]}; run on {time.strftime('%Y-%m-%d')}. Each "
+        f"variant ran twice in its own subprocess, alternating; the best time of each is shown (all: "
+        + ", ".join(f"{r['variant']} {r['seconds']:.1f} s" for r in runs) + ").",
+        "",
+        "| variant | examples | tokens (prompt + response) | time (s) | tokens/s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in (("`harmful_likelihood` (eval likelihood)", ours), ("plain forward, same batches", plain)):
+        lines.append(f"| {name} | {r['examples']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:.0f} |")
+    ratio = ours["seconds"] / plain["seconds"]
+    lines += ["", f"- eval likelihood / plain forward time: **{ratio:.2f}×** (target ≤ 1.3×; below 1 the likelihood "
+                  f"is faster: its head runs at response positions only, the plain forward's at every position).", ""]
+    print("\n".join(lines))
+    update_section(args.results, heading, "\n".join(lines))
 
 
 def update_section(path: Path, heading: str, body: str) -> None:

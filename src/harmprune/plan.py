@@ -11,9 +11,13 @@ size, i intermediate size, q and kv the query and key/value widths (heads × hea
 * activations (what autograd keeps for the backward pass, with memory-efficient attention):
   T × L × (a(4h + 4q + 3kv + 4i) + 4h) — per layer: the inputs of the norms and projections, rotated q and k,
   attention q, k, v and output, the MLP's gate, up, activation and product, and float32 norm upcasts — plus
-  T × V × (a + 12) for the logits, their float32 copy, log-softmax and its gradient. With gradient
+  T × V × (a + 12) for the logits, their float32 copy, log-softmax and its gradient (an upper bound on one GPU,
+  where the head runs at the response positions only; FSDP computes the logits of all T). With gradient
   checkpointing each layer keeps only its input (T × h × a) and one layer is recomputed at a time. wanda runs
   without gradients: one layer's T × (2h + 2i) × a plus T × V × a.
+  The per-layer term was checked against the bytes autograd saves (``bench/bench_gpu.py --activations-only``,
+  on the CPU): those are 0.94× the term in float32 at SmolLM2-135M widths and 0.99× in bfloat16 at
+  Llama-3.1-8B widths (bench/RESULTS.md).
 * transients: signed-snip turns one weight gradient at a time into float32 (largest matrix × (a + 4)); snip
   builds per-example gradients (batch × largest matrix × 4).
 * FSDP2 over N GPUs, per GPU: sharded weights and accumulators (÷ N), the root's embedding and head kept whole

@@ -12,9 +12,15 @@ Counts are floor(fraction × size) per unit: per weight matrix (``matrix``, the 
 or over all scored weights at once (``global``). Ties are broken by flat index, so results are deterministic.
 A mask is a dict of weight name → sorted 1-D int64 flat indices.
 
-``select`` reads score tensors one at a time, so it never holds all scores in memory: ``matrix`` and ``row`` work
-tensor by tensor, and ``global`` finds the exact k-th largest value by a radix select over the float32 bit
-patterns (two histogram passes over the tensors) before a third pass collects the indices.
+``select`` reads score tensors one at a time, so it never holds all scores in memory, and computes on the device
+the scores are put on (``device``; a GPU when given one). Selection is partial, never a full sort: a sampled
+lower bound on the k-th largest value keeps about k candidates, and only those are ranked, ties at the threshold
+going to the lowest flat indices. ``matrix`` and ``row`` work tensor by tensor; ``global`` keeps the running top
+k of the tensors read so far (one pass), or for a k too large to hold, finds the exact k-th largest value by a
+radix select over the float32 bit patterns (two histogram passes) before a third pass collects the indices.
+
+``select_grid`` selects every (q, p) of a sweep in one read of each file: each tensor is ranked once, at the
+largest fraction, and every smaller fraction's set is a prefix of that ranking.
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ class Mask:
         return flat.view(self.shapes[name])
 
 
+def default_device() -> str:
+    """Where selection computes by default: the GPU when there is one (scores stream there one tensor at a time)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def support(scores: torch.Tensor, method: str) -> torch.Tensor:
     """How much each weight supports the scored behaviour (larger = removing it hurts more)."""
     return -scores if method in SIGNED_METHODS else scores
@@ -70,33 +81,17 @@ def support(scores: torch.Tensor, method: str) -> torch.Tensor:
 def top_fraction(values: torch.Tensor, fraction: float, granularity: str = "matrix") -> torch.Tensor:
     """Flat indices (sorted) of the top floor(fraction × size) entries per unit of one tensor."""
     _check_fraction(fraction)
-    if granularity == "matrix":
-        return _top_k_flat(values.reshape(-1), math.floor(fraction * values.numel()))
-    if granularity == "row":
-        rows = values.reshape(values.shape[0], -1)
-        k = math.floor(fraction * rows.shape[1])
-        if k == 0:
-            return torch.empty(0, dtype=torch.long)
-        cols = _stable_top_k_rows(rows, k)
-        flat = cols + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]
-        return flat.reshape(-1).sort().values
-    raise ScoreFileError(f"top_fraction handles 'matrix' and 'row'; use select_global for 'global', not {granularity!r}")
+    if granularity not in ("matrix", "row"):
+        raise ScoreFileError(f"top_fraction handles 'matrix' and 'row'; use select_global for 'global', not {granularity!r}")
+    return _prefix_sets(values, [fraction], granularity)[fraction]
 
 
 def select_global(values: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], fraction: float
                   ) -> dict[str, torch.Tensor]:
     """Top floor(fraction × total) entries over all tensors together; ties broken by (tensor order, flat index)."""
     _check_fraction(fraction)
-    items = list(values.items()) if isinstance(values, Mapping) else list(values)
-    flat = torch.cat([v.reshape(-1).float() for _, v in items]) if items else torch.empty(0)
-    chosen = _top_k_flat(flat, math.floor(fraction * flat.numel()))
-    out, offset = {}, 0
-    for name, v in items:
-        n = v.numel()
-        lo, hi = torch.searchsorted(chosen, torch.tensor([offset, offset + n]))
-        out[name] = chosen[lo:hi] - offset
-        offset += n
-    return out
+    items = dict(values.items() if isinstance(values, Mapping) else values)
+    return select_global_streaming(list(items), lambda n: items[n].float(), fraction)
 
 
 def select(
@@ -108,49 +103,68 @@ def select(
     *,
     harm_method: str | None = None,
     utility_method: str | None = None,
+    device: str | torch.device | None = None,
 ) -> Mask:
     """Harm set (top-q by harm-support) minus utility set (top-p by utility-support), one tensor at a time."""
+    return select_grid(harm, utility, [q], [p], granularity, harm_method=harm_method,
+                       utility_method=utility_method, device=device)[(q, p)]
+
+
+def select_grid(
+    harm: TensorFile | Mapping[str, torch.Tensor],
+    utility: TensorFile | Mapping[str, torch.Tensor] | None,
+    qs: Sequence[float],
+    ps: Sequence[float],
+    granularity: str = "matrix",
+    *,
+    harm_method: str | None = None,
+    utility_method: str | None = None,
+    device: str | torch.device | None = None,
+) -> dict[tuple[float, float], Mask]:
+    """``select`` at every (q, p) of ``qs`` × ``ps``, reading each score file once.
+
+    Each tensor is ranked once at the largest q (and p); smaller fractions take prefixes of that ranking, so a
+    sweep costs about one selection. Scores are moved to ``device`` (default: where they are; CPU for files);
+    the masks' indices are on the CPU.
+    """
     if granularity not in GRANULARITIES:
         raise ScoreFileError(f"unknown granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
-    _check_fraction(q)
-    _check_fraction(p)
+    qs, ps = list(dict.fromkeys(qs)), list(dict.fromkeys(ps))
+    for f in (*qs, *ps):
+        _check_fraction(f)
     harm_method = harm_method or _method_of(harm, "harm")
     names = _names(harm)
     if utility is not None:
         utility_method = utility_method or _method_of(utility, "utility")
         _check_compatible(harm, utility)
     shapes = {n: _shape(harm, n) for n in names}
-    harm_of = lambda n: support(_get(harm, n), harm_method)  # noqa: E731
-    harm_pick = _picker(names, harm_of, shapes, q, granularity)
-    util_pick = None
-    if utility is not None and p > 0:
-        util_of = lambda n: support(_get(utility, n), utility_method)  # noqa: E731
-        util_pick = _picker(names, util_of, shapes, p, granularity)
-    indices = {}
-    for n in names:
-        chosen = harm_pick(n)
-        indices[n] = difference(chosen, util_pick(n)) if util_pick else chosen
-    meta = {"q": q, "p": p, "granularity": granularity, "harm_method": harm_method,
-            "utility_method": utility_method, "harmprune_version": __version__, "kind": "harm-minus-utility"}
-    return Mask(indices, shapes, meta)
+    harm_of = lambda n: _get(harm, n, device)  # noqa: E731
+    util_of = lambda n: _get(utility, n, device)  # noqa: E731
+    h_neg, u_neg = harm_method in SIGNED_METHODS, utility_method in SIGNED_METHODS
+    util_ps = [f for f in ps if f > 0] if utility is not None else []
+    if granularity == "global":
+        h = _global_sets(names, harm_of, shapes, qs, h_neg)
+        u = _global_sets(names, util_of, shapes, util_ps, u_neg) if util_ps else {}
+        per_name = {n: ({q: h[q][n] for q in qs}, {p: u[p][n] for p in util_ps}) for n in names}
+    else:
+        per_name = {n: (_prefix_sets(harm_of(n), qs, granularity, h_neg),
+                        _prefix_sets(util_of(n), util_ps, granularity, u_neg) if util_ps else {}) for n in names}
+    masks = {}
+    for q in qs:
+        for p in ps:
+            indices = {n: (difference(hs[q], us[p]) if p in us else hs[q]).cpu() for n, (hs, us) in per_name.items()}
+            meta = {"q": q, "p": p, "granularity": granularity, "harm_method": harm_method,
+                    "utility_method": utility_method, "harmprune_version": __version__, "kind": "harm-minus-utility"}
+            masks[(q, p)] = Mask(indices, dict(shapes), meta)
+    return masks
 
 
 def select_global_streaming(names: Sequence[str], load: Callable[[str], torch.Tensor], fraction: float,
                             shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
     """``select_global`` reading one tensor at a time through ``load(name)``: the same indices, bounded memory."""
     _check_fraction(fraction)
-    sizes = {n: math.prod(shapes[n]) if shapes else load(n).numel() for n in names}
-    cut = _global_cut(names, load, math.floor(fraction * sum(sizes.values())))
-    return {n: cut.take(load(n)) for n in names}
-
-
-def _picker(names: list[str], load: Callable[[str], torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
-            fraction: float, granularity: str) -> Callable[[str], torch.Tensor]:
-    """A function giving one tensor's chosen indices; called for the names in order."""
-    if granularity != "global":
-        return lambda n: top_fraction(load(n), fraction, granularity)
-    cut = _global_cut(names, load, math.floor(fraction * sum(math.prod(s) for s in shapes.values())))
-    return lambda n: cut.take(load(n))
+    sizes = {n: tuple(shapes[n]) if shapes else tuple(load(n).shape) for n in names}
+    return _global_sets(names, load, sizes, [fraction])[fraction]
 
 
 def select_counts(scores: TensorFile | Mapping[str, torch.Tensor], counts: Mapping[str, int],
@@ -286,6 +300,260 @@ def _draw_near(targets: torch.Tensor, size: int, window: float, gen: torch.Gener
     return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
 
 
+# ---------------------------------------------------------------------------------------------- partial selection
+#
+# Support is never materialised for a whole matrix: a flat float32 view of the raw scores and a ``negate`` flag
+# (signed methods) travel together, and only the few candidate entries are gathered and negated. Each matrix is
+# read by one reduction (the maxima of small blocks), which bounds the k-th largest value from below: the k-th
+# largest block maximum is reached by at least k entries. Only the blocks reaching it are gathered and ranked.
+
+_SMALL = 1 << 14  # tensors this small go straight to an exact k-th value
+_EXACT_BELOW = 1 << 18  # for a k near the size, tensors this small skip the sampled bound
+_MIN_BLOCK = 16  # block maxima pay off while k ≤ size / _MIN_BLOCK²; above, a sampled bound and one comparison
+_SAMPLE = 1 << 16  # entries sampled to bound the k-th largest value from below when k is large
+_SPREAD = 2654435761  # a prime: i × _SPREAD mod n scatters the sample over rows and columns
+_GLOBAL_CAP = 1 << 25  # the running global top-k holds at most this many entries; beyond, the radix select
+
+
+def _comparable(values: torch.Tensor, negate: bool = False) -> tuple[torch.Tensor, bool]:
+    """A flat tensor ordered as ``torch.sort`` orders the support (±values) and whether to negate it.
+
+    Without NaN: the float32 values themselves (no copy) and ``negate``; with NaN, the int32 sort keys of the
+    support, already negated."""
+    v = values.reshape(-1).float()
+    if v.numel() and bool(torch.isnan(v.max())):  # max is NaN iff any is
+        return sort_keys(-v if negate else v), False
+    return v, negate
+
+
+def _signed(values: torch.Tensor, negate: bool) -> torch.Tensor:
+    return -values if negate else values
+
+
+def _block_max(flat: torch.Tensor, negate: bool, size: int) -> torch.Tensor:
+    """The support's maximum over each block of ``size`` consecutive entries (the last block may be short)."""
+    full = flat.numel() // size * size
+    head = flat[:full].view(-1, size)
+    out = head.amin(dim=1).neg_() if negate else head.amax(dim=1)
+    if full < flat.numel():
+        tail = flat[full:]
+        out = torch.cat([out, (-tail.min() if negate else tail.max()).reshape(1)])
+    return out
+
+
+def _in_blocks(flat: torch.Tensor, negate: bool, keep: torch.Tensor, size: int, floor: torch.Tensor,
+               strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted flat indices and support values of the entries ≥ ``floor`` (> if ``strict``) in the kept blocks."""
+    blocks = torch.nonzero(keep).flatten()
+    idx = (blocks.unsqueeze(1) * size + torch.arange(size, device=flat.device)).reshape(-1)
+    idx = idx[idx < flat.numel()]
+    vals = _signed(flat[idx], negate)
+    ok = vals > floor if strict else vals >= floor
+    return idx[ok], vals[ok]
+
+
+def _block_size(n: int, k: int) -> int:
+    """Blocks of about √(n / k): ~√(nk) maxima to search and ~√(nk) entries to gather."""
+    return 1 << max(0, int(math.log2(max(1.0, math.sqrt(n / max(k, 1))))))
+
+
+def _candidates(flat: torch.Tensor, k: int, negate: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sorted flat indices, and support values, of entries ≥ a threshold at least k entries reach (1 ≤ k ≤ n):
+    a superset of the top k, of about k entries unless many tie at the threshold. None if a value is NaN."""
+    n = flat.numel()
+    floating = flat.is_floating_point()
+    size = _block_size(n, k)
+    if n > _SMALL and size >= _MIN_BLOCK:
+        maxima = _block_max(flat, negate, size)
+        if floating and bool(torch.isnan(maxima.max())):
+            return None
+        bound = _kth_largest(maxima, k)
+        return _in_blocks(flat, negate, maxima >= bound, size, bound, strict=False)
+    if floating and n and bool(torch.isnan(flat.max())):
+        return None
+    if n > _EXACT_BELOW:
+        pos = torch.arange(_SAMPLE, device=flat.device) * _SPREAD % n
+        expect = k * _SAMPLE / n
+        j = min(_SAMPLE, math.ceil(expect + 4 * math.sqrt(expect) + 8))
+        bound = torch.kthvalue(_signed(flat[pos], negate), _SAMPLE - j + 1).values
+        idx = torch.nonzero(flat <= -bound if negate else flat >= bound).flatten()
+        if idx.numel() >= k:
+            return idx, _signed(flat[idx], negate)
+    support_ = _signed(flat, negate)
+    idx = torch.nonzero(support_ >= torch.kthvalue(support_, n - k + 1).values).flatten()
+    return idx, support_[idx]
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of a 1-D support tensor without NaN (1 ≤ k ≤ n), narrowing to candidates first."""
+    n = values.numel()
+    if n > _SMALL:
+        _, vals = _candidates(values, k, False)  # type: ignore[misc]  # no NaN here
+        if vals.numel() < n:
+            return _kth_largest(vals, k)
+    return torch.kthvalue(values, n - k + 1).values
+
+
+def _top(flat: torch.Tensor, k: int, ranked: bool, negate: bool = False) -> torch.Tensor:
+    """Flat indices of the k largest support entries (``flat``, negated if ``negate``), ties to the lowest indices.
+
+    ``ranked``: in rank order (support descending, then index ascending), so any prefix is a smaller top-k;
+    otherwise sorted by index. NaN ranks above everything, as in ``torch.sort``.
+    """
+    k = min(k, flat.numel())
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=flat.device)
+    got = _candidates(flat, k, negate)
+    if got is None:  # NaN: rank by sort keys instead
+        got = _candidates(sort_keys(_signed(flat, negate)), k, False)
+    return _top_of_candidates(*got, k, ranked)  # type: ignore[misc]
+
+
+def _top_of_candidates(idx: torch.Tensor, vals: torch.Tensor, k: int, ranked: bool) -> torch.Tensor:
+    """The top k of candidates (sorted ``idx`` with support ``vals``, at least k of them)."""
+    kth = _kth_largest(vals, k)
+    above = vals > kth
+    tie = vals == kth
+    need = k - int(above.sum())
+    if not ranked:
+        return idx[above | (tie & (tie.cumsum(0) <= need))]
+    order = torch.sort(vals[above], descending=True, stable=True).indices
+    return torch.cat([idx[above][order], idx[tie][:need]])
+
+
+def _row_top(rows: torch.Tensor, k: int, ranked: bool) -> torch.Tensor:
+    """Per row of a 2-D comparable (support) tensor, the k largest entries' flat indices (ties: lowest column).
+
+    ``ranked``: a (rows, k) tensor, each row in rank order; otherwise all of them as one sorted 1-D tensor.
+    """
+    n_rows, n_cols = rows.shape
+    k = min(k, n_cols)
+    if k <= 0 or n_rows == 0:
+        empty = torch.empty(n_rows, 0, dtype=torch.long, device=rows.device)
+        return empty if ranked else empty.reshape(0)
+    kth = torch.kthvalue(rows, n_cols - k + 1, dim=1, keepdim=True).values
+    above = rows > kth
+    tie = rows == kth
+    need = k - above.sum(dim=1, keepdim=True)
+    flat = torch.nonzero((above | (tie & (tie.cumsum(dim=1) <= need))).reshape(-1)).flatten()
+    if not ranked:
+        return flat
+    flat = flat.view(n_rows, k)
+    order = torch.sort(rows.reshape(-1)[flat], dim=1, descending=True, stable=True).indices
+    return flat.gather(1, order)
+
+
+def _prefix_sets(values: torch.Tensor, fractions: Sequence[float], granularity: str, negate: bool = False
+                 ) -> dict[float, torch.Tensor]:
+    """Sorted flat indices of the top floor(f × size) support entries per unit of one tensor, for each fraction f
+    (support: ``values``, negated if ``negate``).
+
+    One ranking at the largest fraction serves every smaller one (a prefix), so a sweep ranks each tensor once.
+    """
+    if not fractions:
+        return {}
+    top = max(fractions)
+    if granularity == "matrix":
+        flat = values.reshape(-1).float()
+        n = flat.numel()
+        if len(fractions) == 1:
+            return {top: _top(flat, math.floor(top * n), False, negate)}
+        ranking = _top(flat, math.floor(top * n), True, negate)
+        return {f: ranking[: math.floor(f * n)].sort().values for f in fractions}
+    flat, _ = _comparable(_signed(values, negate))
+    rows = flat.view(values.shape[0], -1)
+    n_cols = rows.shape[1]
+    if len(fractions) == 1:
+        return {top: _row_top(rows, math.floor(top * n_cols), ranked=False)}
+    ranking = _row_top(rows, math.floor(top * n_cols), ranked=True)
+    return {f: ranking[:, : math.floor(f * n_cols)].reshape(-1).sort().values for f in fractions}
+
+
+class _RunningTop:
+    """The top k support entries of the tensors added so far, in rank order: sort key descending, then tensor
+    order, then flat index. Ties at the k-th key go to the earlier tensor, so a later tensor enters only above it."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.keys = torch.empty(0, dtype=torch.int32)
+        self.tensor = torch.empty(0, dtype=torch.int32)
+        self.index = torch.empty(0, dtype=torch.long)
+
+    def add(self, position: int, values: torch.Tensor, negate: bool = False) -> None:
+        if self.k == 0:
+            return
+        flat = values.reshape(-1).float()
+        if self.keys.device != flat.device:
+            self.keys, self.tensor, self.index = (t.to(flat.device) for t in (self.keys, self.tensor, self.index))
+        local = self._above_floor(flat, negate) if self.keys.numel() == self.k else _top(flat, self.k, True, negate)
+        if local.numel() == 0:
+            return
+        keys = sort_keys(_signed(flat[local], negate))
+        order = torch.sort(torch.cat([self.keys, keys]), descending=True, stable=True).indices[: self.k]
+        self.keys = torch.cat([self.keys, keys])[order]
+        self.tensor = torch.cat([self.tensor, torch.full_like(keys, position)])[order]
+        self.index = torch.cat([self.index, local])[order]
+
+    def _above_floor(self, flat: torch.Tensor, negate: bool) -> torch.Tensor:
+        """Ranked top k (at most) of this tensor's entries strictly above the current k-th key."""
+        floor = _key_value(self.keys[-1])
+        size = _block_size(flat.numel(), self.k)
+        got = None
+        if flat.numel() > _SMALL and size >= _MIN_BLOCK:
+            maxima = _block_max(flat, negate, size)
+            if not bool(torch.isnan(maxima.max())):
+                got = _in_blocks(flat, negate, maxima > floor, size, floor, strict=True)
+        elif flat.numel() and not bool(torch.isnan(flat.max())):
+            support_ = _signed(flat, negate)
+            idx = torch.nonzero(support_ > floor).flatten()
+            got = idx, support_[idx]
+        if got is None:  # NaN: compare sort keys
+            keys = sort_keys(_signed(flat, negate))
+            idx = torch.nonzero(keys > self.keys[-1]).flatten()
+            got = idx, keys[idx]
+        idx, vals = got
+        if idx.numel() == 0:
+            return idx
+        return _top_of_candidates(idx, vals, min(self.k, idx.numel()), ranked=True)
+
+    def prefix(self, k: int, count: int) -> list[torch.Tensor]:
+        """The top ``k`` (k ≤ self.k) split per tensor (``count`` tensors), each sorted by flat index."""
+        tensor, index = self.tensor[:k], self.index[:k]
+        return [index[tensor == i].sort().values for i in range(count)]
+
+
+def _key_value(key: torch.Tensor) -> torch.Tensor:
+    """The float32 whose ``sort_keys`` key is ``key`` (a NaN for the key every NaN maps to)."""
+    k = key.clone().reshape(1)
+    k ^= (k >> 31) & 0x7FFFFFFF
+    return k.view(torch.float32)[0]
+
+
+def _global_sets(names: Sequence[str], load: Callable[[str], torch.Tensor], shapes: Mapping[str, Sequence[int]],
+                 fractions: Sequence[float], negate: bool = False) -> dict[float, dict[str, torch.Tensor]]:
+    """For each fraction f, the top floor(f × total) support entries over all tensors, per tensor (sorted flat
+    indices); support is ``load(name)``, negated if ``negate``.
+
+    One read of each tensor keeps the running top k at the largest fraction; when that k is too many entries to
+    hold, each fraction is selected by the streaming radix select instead (three reads per fraction).
+    """
+    if not fractions:
+        return {}
+    total = sum(math.prod(shapes[n]) for n in names)
+    ks = {f: math.floor(f * total) for f in fractions}
+    if max(ks.values()) > _GLOBAL_CAP:
+        support_of = lambda n: _signed(load(n).float(), negate)  # noqa: E731
+        out = {}
+        for f, k in ks.items():
+            cut = _global_cut(names, support_of, k)
+            out[f] = {n: cut.take(support_of(n)).cpu() for n in names}
+        return out
+    running = _RunningTop(max(ks.values()))
+    for i, n in enumerate(names):
+        running.add(i, load(n), negate)
+    return {f: dict(zip(names, running.prefix(k, len(names)))) for f, k in ks.items()}
+
+
 # ---------------------------------------------------------------------------------------------- streaming global
 
 _CHUNK = 1 << 22  # elements turned into sort keys at a time
@@ -348,7 +616,7 @@ def _histogram(names: Sequence[str], load: Callable[[str], torch.Tensor], digit)
     for name in names:
         flat = load(name).reshape(-1)
         for start in range(0, flat.numel(), _CHUNK):
-            counts += torch.bincount(digit(sort_keys(flat[start : start + _CHUNK])), minlength=_HALF)
+            counts += torch.bincount(digit(sort_keys(flat[start : start + _CHUNK])), minlength=_HALF).cpu()
     return counts
 
 
@@ -389,14 +657,8 @@ def load_mask(path: str | Path) -> Mask:
 
 
 def _top_k_flat(values: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long)
-    order = torch.sort(values.float(), descending=True, stable=True).indices
-    return order[:k].sort().values
-
-
-def _stable_top_k_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.sort(rows.float(), dim=1, descending=True, stable=True).indices[:, :k]
+    """Sorted flat indices of the k largest entries (ties: lowest flat index first)."""
+    return _top(values.reshape(-1).float(), k, ranked=False)
 
 
 def _check_fraction(fraction: float) -> None:
@@ -408,8 +670,9 @@ def _names(scores) -> list[str]:
     return scores.names() if isinstance(scores, TensorFile) else list(scores)
 
 
-def _get(scores, name: str) -> torch.Tensor:
-    return scores.get(name).float() if isinstance(scores, TensorFile) else scores[name].float()
+def _get(scores, name: str, device: str | torch.device | None = None) -> torch.Tensor:
+    t = scores.get(name) if isinstance(scores, TensorFile) else scores[name]
+    return (t if device is None else t.to(device)).float()
 
 
 def _shape(scores, name: str) -> tuple[int, ...]:

@@ -30,14 +30,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("select", help="harm set minus utility set, written as a mask file")
     p.add_argument("--harm", required=True, help="harm score file")
     p.add_argument("--utility", default=None, help="utility score file (omit for no utility filter)")
-    p.add_argument("--q", type=float, required=True, help="harm fraction")
-    p.add_argument("--p", type=float, default=0.0, help="utility fraction")
+    p.add_argument("--q", type=float, nargs="+", required=True,
+                   help="harm fraction; several values select a sweep in one read of the files")
+    p.add_argument("--p", type=float, nargs="+", default=[0.0], help="utility fraction (several: a sweep)")
     p.add_argument("--granularity", default="matrix", choices=["matrix", "row", "global"])
     p.add_argument("--harm-method", default=None, choices=["signed-snip", "snip", "wanda", "magnitude"],
                    help="how to read the harm scores (default: the method in the file's metadata)")
     p.add_argument("--utility-method", default=None, choices=["signed-snip", "snip", "wanda", "magnitude"],
                    help="how to read the utility scores (default: the method in the file's metadata)")
-    p.add_argument("--out", required=True, help="output mask .safetensors file")
+    p.add_argument("--device", default=None, help="where to select, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", required=True,
+                   help="output mask .safetensors file; for several values, a name containing {q} and/or {p}")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("prune", help="save a copy of a model with a mask's weights zeroed")
@@ -96,22 +99,29 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from harmprune.selection import mask_stats, save_mask, select
+    from harmprune.errors import HarmpruneError
+    from harmprune.selection import default_device, mask_stats, save_mask, select_grid
     from harmprune.tensorfile import TensorFile
 
+    for key, values in (("q", args.q), ("p", args.p)):
+        if len(set(values)) > 1 and "{" + key + "}" not in args.out:
+            raise HarmpruneError(f"--out {args.out!r}: several --{key} values need {{{key}}} in the file name")
     harm = TensorFile(args.harm)
     utility = TensorFile(args.utility) if args.utility else None
-    mask = select(harm, utility, args.q, args.p, args.granularity, harm_method=args.harm_method,
-                  utility_method=args.utility_method)
-    save_mask(mask, args.out, harm_file=args.harm, harm_sha256=harm.sha256(),
-              utility_file=args.utility or "", utility_sha256=utility.sha256() if utility else "",
-              harm_format=str(harm.metadata.get("prompt_format", "")),
-              utility_format=str(utility.metadata.get("prompt_format", "")) if utility else "")
-    stats = mask_stats(mask)
-    recipe = f"harm {mask.metadata['harm_method']}/{harm.metadata.get('prompt_format', '?')}"
-    if utility is not None:
-        recipe += f", utility {mask.metadata['utility_method']}/{utility.metadata.get('prompt_format', '?')}"
-    print(f"wrote {args.out}: {stats['selected']} of {stats['total']} weights ({stats['fraction']:.3g}; {recipe})")
+    masks = select_grid(harm, utility, args.q, args.p, args.granularity, harm_method=args.harm_method,
+                        utility_method=args.utility_method, device=args.device or default_device())
+    harm_sha, util_sha = harm.sha256(), utility.sha256() if utility else ""
+    formats = {"harm_format": str(harm.metadata.get("prompt_format", "")),
+               "utility_format": str(utility.metadata.get("prompt_format", "")) if utility else ""}
+    for (q, p), mask in masks.items():
+        out = args.out.replace("{q}", f"{q:g}").replace("{p}", f"{p:g}")
+        save_mask(mask, out, harm_file=args.harm, harm_sha256=harm_sha, utility_file=args.utility or "",
+                  utility_sha256=util_sha, **formats)
+        stats = mask_stats(mask)
+        recipe = f"harm {mask.metadata['harm_method']}/{formats['harm_format'] or '?'}"
+        if utility is not None:
+            recipe += f", utility {mask.metadata['utility_method']}/{formats['utility_format'] or '?'}"
+        print(f"wrote {out}: {stats['selected']} of {stats['total']} weights ({stats['fraction']:.3g}; {recipe})")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

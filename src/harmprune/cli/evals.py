@@ -36,7 +36,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = esub.add_parser("likelihood", help="teacher-forced response NLL of prompt→response pairs (judge-free)")
     add_model_args(p, mask=True)
     add_data_args(p)
-    add_format_args(p)
+    add_format_args(p, batch_size=64)
+    add_batch_tokens_arg(p)
     p.add_argument("--benign", default=None,
                    help="benign pairs for the harmful−benign gap (schema detected; --n-examples/--seed apply)")
     p.add_argument("--out", required=True, help="output directory")
@@ -74,6 +75,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated subset of {','.join(MEASURES)} (explanation and refusal generate)")
     add_judge_args(p, default=None, help_default="offline heuristic for explanations")
     add_generation_args(p, sampling=False)
+    add_batch_tokens_arg(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_recognition)
 
@@ -91,6 +93,20 @@ def add_judge_args(p: argparse.ArgumentParser, default: str | None, help_default
                    help="strongreject: retries of a failed or malformed request (default 4)")
     p.add_argument("--judge-prompt-file", default=None,
                    help="strongreject-finetuned: the classifier's grading prompt (StrongREJECT's judge_templates.json)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_batch_tokens_arg(p: argparse.ArgumentParser) -> None:
+    from harmprune.evals.scoring import DEFAULT_BATCH_TOKENS
+
+    p.add_argument("--max-batch-tokens", type=_positive_int, default=DEFAULT_BATCH_TOKENS,
+                   help="padded tokens per teacher-forced batch (--batch-size caps the rows)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
@@ -213,11 +229,12 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
     mask = _load_mask(args)
     model, tokenizer = load_model_from_args(args)
     with pruned(model, mask):
-        harmful = harmful_likelihood(model, tokenizer, records, args.format, args.max_length, args.batch_size)
+        harmful = harmful_likelihood(model, tokenizer, records, args.format, args.max_length, args.batch_size,
+                                     args.max_batch_tokens)
         metrics: dict[str, Any] = dict(harmful)
         if benign is not None:
             gap = likelihood_gap(harmful, harmful_likelihood(model, tokenizer, benign, args.format, args.max_length,
-                                                             args.batch_size))
+                                                             args.batch_size, args.max_batch_tokens))
             metrics.update({k: v for k, v in gap.items() if not k.startswith("harmful_")})
     metrics.update(_provenance(args, mask, "likelihood", data=args.data, benign_data=args.benign, format=args.format,
                                max_length=args.max_length, seed=args.seed))
@@ -298,7 +315,7 @@ def cmd_recognition(args: argparse.Namespace) -> None:
     with pruned(model, mask):
         if "detection" in measures:
             m, files["detection.jsonl"] = recognition.detection(model, tokenizer, harmful, benign, args.format,
-                                                                args.batch_size)
+                                                                args.batch_size, args.max_batch_tokens)
             metrics.update(m)
         if "explanation" in measures:
             m, r = recognition.explanation(model, tokenizer, harmful, judge=judge, **gen)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from harmprune.data import Record
 from harmprune.errors import DataError
-from harmprune.evals.scoring import response_nll_sums
+from harmprune.evals.scoring import DEFAULT_BATCH_TOKENS, response_nll_sums
 from harmprune.formatting import PromptFormat, encode_pair, pad_id_of, warn_prompt_cuts
 
 
@@ -28,11 +28,13 @@ def harmful_likelihood(
     records: Sequence[Record],
     fmt: PromptFormat = "chat",
     max_length: int | None = 512,
-    batch_size: int = 4,
+    batch_size: int = 64,
+    max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
 ) -> dict[str, float | int]:
     """Mean response NLL of (prompt, response) pairs: ``nll`` (per token), ``nll_per_example``, ``n``, ``tokens``.
 
-    Works on any pairs; "harmful" names its main use. Records without a response are an error.
+    Works on any pairs; "harmful" names its main use. Records without a response are an error. Batches hold at
+    most ``batch_size`` pairs and ``max_batch_tokens`` padded tokens (see :func:`~harmprune.evals.scoring.token_batches`).
     """
     if not records:
         raise DataError("no records to score")
@@ -45,7 +47,7 @@ def harmful_likelihood(
         except ValueError as e:
             raise DataError(f"record {i} ({_where(r)}): {e}") from None
     warn_prompt_cuts(examples, max_length)
-    sums, counts = response_nll_sums(model, examples, pad_id_of(tokenizer), batch_size)
+    sums, counts = response_nll_sums(model, examples, pad_id_of(tokenizer), batch_size, max_batch_tokens)
     tokens = sum(counts)
     if tokens == 0:
         raise DataError("no response token has a preceding context to be predicted from")

@@ -63,7 +63,7 @@ def sweep_model(runner: Runner, model: str, qs: list[float], ps: list[float], pa
     sc = runner.config.scoring
     runner.prefetch([StageCall.of("scores", model, d, role) for role, d in (("harm", sc["harm"]),
                                                                             ("utility", sc.get("utility"))) if d])
-    masks = {(q, p): runner.mask(model, q, p) for p in ps for q in qs}
+    masks = runner.masks(model, qs, ps)  # one read of each score file for the whole grid
     runner.prefetch([StageCall.of("evaluate", model, e, m) for m in [None, *masks.values()] for e in evals])
     base = measure(None, "unpruned")
     base_harm = float(base[harm_eval][harm_metric])

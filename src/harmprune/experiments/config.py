@@ -305,6 +305,9 @@ def _evaluation(name: str, t: Any, data: dict[str, DataSpec], base: Path, where:
             raise ConfigError(f"{where}: evaluations.{name}.kind {kind!r} is not one of {sorted(known)}")
         _check_keys(t, known[kind] | {"kind"}, f"evaluations.{name}.", where)
     for key, value in t.items():
+        if key in ("batch_size", "max_batch_tokens") and (isinstance(value, bool) or not isinstance(value, int)
+                                                          or value < 1):
+            raise ConfigError(f"{where}: evaluations.{name}.{key} must be a positive integer, got {value!r}")
         if key.endswith("data") or key in ("prefill_from", "harmful", "benign"):
             for v in _as_list(value):
                 if v not in data:

@@ -40,11 +40,17 @@ def _harm(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     return metrics
 
 
+def _batch_tokens(spec: dict[str, Any]) -> int:
+    from harmprune.evals.scoring import DEFAULT_BATCH_TOKENS
+
+    return int(spec.get("max_batch_tokens", DEFAULT_BATCH_TOKENS))
+
+
 def _likelihood(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     from harmprune.evals.likelihood import harmful_likelihood, likelihood_gap
 
     kw = {"fmt": runner.model_format(model_name), "max_length": int(spec.get("max_length", 512)),
-          "batch_size": int(spec.get("batch_size", 4))}
+          "batch_size": int(spec.get("batch_size", 64)), "max_batch_tokens": _batch_tokens(spec)}
     harmful = harmful_likelihood(model, tok, runner.records(spec["data"]), **kw)
     if spec.get("benign_data"):
         benign = harmful_likelihood(model, tok, runner.records(spec["benign_data"]), **kw)
@@ -79,7 +85,8 @@ def _recognition(runner, model, tok, model_name, spec, out: Path) -> dict[str, A
     max_new = int(spec.get("max_new_tokens", 64))
     judge_kwargs = {k.removeprefix("judge_"): v for k, v in spec.items() if k.startswith("judge_")}
     judge = get_judge(spec["judge"], **judge_kwargs) if spec.get("judge") else None
-    metrics, rows = detection(model, tok, harmful, benign, fmt=fmt, batch_size=batch)
+    metrics, rows = detection(model, tok, harmful, benign, fmt=fmt, batch_size=int(spec.get("batch_size", 64)),
+                              max_batch_tokens=_batch_tokens(spec))
     metrics["n"] = len(harmful) + len(benign)
     gen_rows: list[dict[str, Any]] = []
     if spec.get("explanation", True):
@@ -121,10 +128,12 @@ KINDS: dict[str, EvaluationKind] = {
                                       "judge_timeout", "judge_max_retries",
                                       "prefill_from", "do_sample", "temperature", "top_p", "n_samples",
                                       "extra_judges"} | GEN_KEYS), _harm),
-    "likelihood": EvaluationKind(frozenset({"data", "benign_data", "max_length", "batch_size"}), _likelihood),
+    "likelihood": EvaluationKind(frozenset({"data", "benign_data", "max_length", "batch_size", "max_batch_tokens"}),
+                                 _likelihood),
     "utility": EvaluationKind(frozenset({"mmlu", "subjects", "limit", "k_shot", "ppl_file", "ppl_data",
                                          "batch_size"}), _utility),
-    "recognition": EvaluationKind(frozenset({"harmful", "benign", "explanation", "refusal", "judge", "judge_model"}
+    "recognition": EvaluationKind(frozenset({"harmful", "benign", "explanation", "refusal", "judge", "judge_model",
+                                            "max_batch_tokens"}
                                             | GEN_KEYS),
                                   _recognition),
     "accuracy": EvaluationKind(frozenset({"data", "match"} | GEN_KEYS), _accuracy),

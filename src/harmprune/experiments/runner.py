@@ -224,7 +224,15 @@ class Runner:
     def mask(self, model_name: str, q: float, p: float, *, harm_data: str | None = None,
              utility_data: str | None = None, granularity: str | None = None) -> Path:
         """Harm set (top-q) minus utility set (top-p) for ``model``, each set scored with its role's recipe."""
-        from harmprune.selection import save_mask, select
+        return self.masks(model_name, [q], [p], harm_data=harm_data, utility_data=utility_data,
+                          granularity=granularity)[(q, p)]
+
+    def masks(self, model_name: str, qs: list[float], ps: list[float], *, harm_data: str | None = None,
+              utility_data: str | None = None, granularity: str | None = None
+              ) -> dict[tuple[float, float], Path]:
+        """``mask`` at every (q, p) of ``qs`` × ``ps`` (in p-major order); the masks not cached yet are selected
+        together by one ``select_grid``, which reads each score file once and ranks each matrix once."""
+        from harmprune.selection import Mask, default_device, save_mask, select_grid
         from harmprune.tensorfile import TensorFile
 
         sc = self.config.scoring
@@ -232,20 +240,37 @@ class Runner:
         utility_data = utility_data if utility_data is not None else sc.get("utility")
         granularity = granularity or self.config.selection["granularity"]
         harm = self.scores(model_name, harm_data, "harm")
-        util = self.scores(model_name, utility_data, "utility") if utility_data and p > 0 else None
-        params = {"harm": sha256_file(harm), "utility": sha256_file(util) if util else None, "q": q, "p": p,
-                  "granularity": granularity}
+        util = self.scores(model_name, utility_data, "utility") if utility_data and any(p > 0 for p in ps) else None
+        harm_sha, util_sha = sha256_file(harm), sha256_file(util) if util else None
+        computed: dict[tuple[float, float], Mask] = {}
 
-        def build(d: Path) -> None:
-            harm_file, util_file = TensorFile(harm), TensorFile(util) if util else None
-            mask = select(harm_file, util_file, q, p, granularity)
-            save_mask(mask, d / "mask.safetensors", harm_file=self.run_relative(harm),
-                      utility_file=self.run_relative(util) if util else "",
-                      harm_sha256=params["harm"], utility_sha256=params["utility"] or "",
-                      harm_format=str(harm_file.metadata.get("prompt_format", "")),
-                      utility_format=str(util_file.metadata.get("prompt_format", "")) if util_file else "")
+        def formats(uses_util: bool) -> dict[str, str]:
+            return {"harm_format": str(TensorFile(harm).metadata.get("prompt_format", "")),
+                    "utility_format": str(TensorFile(util).metadata.get("prompt_format", "")) if uses_util else ""}
 
-        return self.stage("mask", params, build, "mask.safetensors") / "mask.safetensors"
+        def grid() -> dict[tuple[float, float], Mask]:
+            if not computed:  # only once some point is not cached
+                computed.update(select_grid(TensorFile(harm), TensorFile(util) if util else None, qs, ps,
+                                            granularity, device=default_device()))
+            return computed
+
+        out = {}
+        for p in ps:
+            for q in qs:
+                uses_util = util is not None and p > 0
+                params = {"harm": harm_sha, "utility": util_sha if uses_util else None, "q": q, "p": p,
+                          "granularity": granularity}
+
+                def build(d: Path, q: float = q, p: float = p, uses_util: bool = uses_util) -> None:
+                    mask = grid()[(q, p)]
+                    if not uses_util:  # as selected without a utility file
+                        mask = Mask(mask.indices, mask.shapes, {**mask.metadata, "utility_method": None})
+                    save_mask(mask, d / "mask.safetensors", harm_file=self.run_relative(harm),
+                              utility_file=self.run_relative(util) if uses_util else "", harm_sha256=harm_sha,
+                              utility_sha256=util_sha if uses_util else "", **formats(uses_util))
+
+                out[(q, p)] = self.stage("mask", {**params}, build, "mask.safetensors") / "mask.safetensors"
+        return out
 
     def control(self, mask_path: Path, kind: str, seed: int, model_name: str,
                 benign_data: str | None = None) -> Path:
