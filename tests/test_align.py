@@ -10,7 +10,7 @@ import pytest
 from harmprune.data import Record, load_records, write_jsonl
 from harmprune.errors import ConfigError, DataError
 from harmprune.models import load_model, save_model
-from harmprune.organisms.align import REPORT_FILE, AlignConfig, _data, align_model, normalise_prompt
+from harmprune.organisms.align import REPORT_FILE, AlignConfig, _data, align_model, evaluation_key, normalise_prompt
 from tiny import make_llama, make_tokenizer
 
 WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "owl", "fig", "jam", "kit"]
@@ -128,3 +128,45 @@ def test_align_smollm2_runs_end_to_end(tmp_path):
     assert report["training"]["steps"] == 3 and report["after"]["mmlu_n"] == 57
     model, tok = load_model(str(tmp_path / "aligned"))
     assert tok.eos_token == "<|im_end|>" and not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.fixture()
+def raw_base(files):
+    """The tiny base model saved with a tokenizer that has no chat template (like a pretrained-only model)."""
+    tok = make_tokenizer()
+    tok.chat_template = None
+    save_model(make_llama(len(tok)), tok, files / "raw-base")
+    return files / "raw-base"
+
+
+def test_a_model_without_chat_template_needs_the_raw_format(files, raw_base):
+    with pytest.raises(ConfigError, match="no chat template.*--format raw"):
+        align_model(config(files, model=str(raw_base)), files / "x", progress=False)
+    assert not (files / "x").exists()
+    with pytest.raises(ConfigError, match="prompt_format must be one of"):
+        align_model(config(files, prompt_format="fancy"), files / "x", progress=False)
+    chat = evaluation_key(config(files), [], [])
+    assert evaluation_key(config(files, prompt_format="raw"), [], []) != chat
+
+
+def test_cli_align_tunes_a_template_less_model_in_raw_format(files, raw_base):
+    """In a fresh process. Any prompt rendered as chat would fail on this tokenizer, so a finished run shows that
+    training, the base model's own answers and both evaluations all used the raw format."""
+    import subprocess
+    import sys
+
+    out = files / "raw-aligned"
+    args = [sys.executable, "-m", "harmprune", "organism", "align", "--model", str(raw_base), "--out", str(out),
+            "--harmful-prompts", str(files / "harmful.csv"), "--benign", str(files / "benign.jsonl"),
+            "--heldout-harmful", str(files / "heldout.csv"), "--n-harmful", "6", "--n-benign", "6",
+            "--n-benign-heldout", "3", "--benign-targets", "model", "--own-answer-tokens", "4", "--epochs", "1",
+            "--batch-size", "4", "--dtype", "float32", "--max-new-tokens", "4", "--gen-batch-size", "4"]
+    proc = subprocess.run(args + ["--format", "raw"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["config"]["prompt_format"] == "raw" and report["training"]["steps"] >= 1
+    assert json.loads(proc.stdout)["after"]["refusal_n"] == 1
+    bad_args = [str(files / "bad") if a == str(out) else a for a in args] + ["--format", "fancy"]
+    bad = subprocess.run(bad_args, capture_output=True, text=True)
+    assert bad.returncode == 2 and "prompt_format must be one of" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (files / "bad").exists()

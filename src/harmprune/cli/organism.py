@@ -61,6 +61,10 @@ def add_align(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per refusal-rate prompt")
     p.add_argument("--gen-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--format", dest="prompt_format", default="chat", metavar="FORMAT",
+                   help="prompt format for training and evaluation (harmprune.formatting): chat (the chat template, "
+                   "the default) or raw (for base models without one); evaluate and score the result in the same "
+                   "format")
     p.set_defaults(func=_align)
 
 

@@ -10,6 +10,10 @@ behaviour towards another model's style. The adapter is merged and the model sav
 Measured before and after, on prompts disjoint from training: refusal rate on held-out harmful prompts (the
 ``refusal`` judge), refusal rate on held-out benign prompts (over-refusal) and MMLU accuracy on a subset.
 The numbers go to ``DIR/align_report.json``, the judged generations to ``DIR/heldout_generations_*.jsonl``.
+
+``prompt_format`` (:mod:`harmprune.formatting`) is used for everything the run generates or trains on: ``chat``
+for chat models; ``raw`` (prompt text, then the answer; BOS if the tokenizer adds one) for a base model without a
+chat template. Score and evaluate the result in the same format (``--format raw``) so it sees what it was tuned on.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from harmprune import __version__
 from harmprune.data import Record, load_records, records_digest, sample
 from harmprune.errors import ConfigError, DataError
+from harmprune.formatting import PROMPT_FORMATS
 from harmprune.generation import write_generations
 from harmprune.io import atomic_write_json
 
@@ -66,6 +71,7 @@ class AlignConfig:
     max_new_tokens: int = 48
     gen_batch_size: int = 16
     threads: int | None = None
+    prompt_format: str = "chat"  # how prompts are rendered in training and evaluation (harmprune.formatting)
 
 
 def align_model(config: AlignConfig, out_dir: str | Path, progress: bool = True,
@@ -85,6 +91,8 @@ def align_model(config: AlignConfig, out_dir: str | Path, progress: bool = True,
     timings: dict[str, float] = {}
     start = time.time()
     model, tokenizer = load_model(config.model, dtype=config.dtype)
+    if config.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{config.model} has no chat template; tune it with prompt_format 'raw' (--format raw)")
     harmful, heldout, benign, benign_heldout, dropped = _data(config)
     log.info("data: %d harmful, %d benign for training; %d harmful and %d benign held out (%d overlaps dropped)",
              len(harmful), len(benign), len(heldout), len(benign_heldout), dropped)
@@ -106,7 +114,7 @@ def align_model(config: AlignConfig, out_dir: str | Path, progress: bool = True,
     peft_model = lora_finetune(model, tokenizer, train, rank=config.rank, alpha=config.alpha,
                                dropout=config.dropout, epochs=config.epochs, lr=config.lr,
                                batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
-                               progress=progress)
+                               fmt=config.prompt_format, progress=progress)
     info = dict(peft_model.finetune_info)
     model = merge(peft_model)
     timings["train"] = time.time() - t
@@ -144,6 +152,8 @@ def align_model(config: AlignConfig, out_dir: str | Path, progress: bool = True,
 
 
 def _check(config: AlignConfig) -> None:
+    if config.prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {config.prompt_format!r}")
     if config.benign_targets not in ("data", "model"):
         raise ConfigError(f"benign_targets must be 'data' or 'model', got {config.benign_targets!r}")
     if config.n_harmful < 1 or config.n_benign < 0 or config.n_benign_heldout < 0:
@@ -209,8 +219,8 @@ def _own_answers(model, tokenizer, records: Sequence[Record], config: AlignConfi
     from harmprune.judges import JudgeItem
     from harmprune.judges.refusal import RefusalJudge
 
-    gens = generate(model, tokenizer, [r.prompt for r in records], max_new_tokens=config.own_answer_tokens,
-                    batch_size=config.gen_batch_size, progress=progress)
+    gens = generate(model, tokenizer, [r.prompt for r in records], fmt=config.prompt_format,
+                    max_new_tokens=config.own_answer_tokens, batch_size=config.gen_batch_size, progress=progress)
     refused = RefusalJudge().judge_batch([JudgeItem(g.prompt, g.response) for g in gens])
     out = [Record(r.prompt, g.response, r.category, {**r.source, "response": "base-model", "truncated": not g.finished})
            for r, g, v in zip(records, gens, refused) if not v.refused]
@@ -226,6 +236,8 @@ def evaluation_key(config: AlignConfig, heldout: Sequence[Record], benign_heldou
     """A digest of everything the before/after numbers depend on besides the training."""
     fields = [config.model, config.dtype, records_digest(heldout), records_digest(benign_heldout),
               config.max_new_tokens, config.gen_batch_size, config.mmlu_dir, config.mmlu_limit, config.mmlu_k_shot]
+    if config.prompt_format != "chat":  # appended only when set, so the keys of earlier (chat) reports still match
+        fields.append(config.prompt_format)
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -248,7 +260,8 @@ def _evaluate(model, tokenizer, heldout, benign_heldout, config: AlignConfig, pr
     """Metrics, and the judged generations (each row's ``set`` is ``harmful`` or ``benign``)."""
     from harmprune.evals.recognition import refusal_rate
 
-    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size, progress=progress)
+    gen = dict(fmt=config.prompt_format, max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size,
+               progress=progress)
     out: dict[str, Any] = {}
     harm, rows = refusal_rate(model, tokenizer, heldout, **gen)
     rows = [{**r, "set": "harmful"} for r in rows]
