@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", nargs="+", default=["attribution"], choices=["attribution", "likelihood"])
     ap.add_argument("--eval-batch-size", type=int, default=64, help="likelihood: rows per batch at most")
+    ap.add_argument("--repeats", type=int, default=2, help="likelihood: runs of each variant, alternating")
     ap.add_argument("--max-batch-tokens", type=int, default=4096, help="likelihood: padded tokens per batch")
     ap.add_argument("--worker", choices=["batched", "reference", "plain", "likelihood", "forward"], default=None)
     ap.add_argument("--limit", type=int, default=None, help="(worker) score only the first N sampled examples")
@@ -206,7 +207,7 @@ def main() -> None:
 
     if "likelihood" in args.parts:
         # alternate the two so that a change in the machine's load falls on both alike
-        runs = [run_worker(args, v, args.n_examples) for _ in range(2) for v in ("likelihood", "forward")]
+        runs = [run_worker(args, v, args.n_examples) for _ in range(args.repeats) for v in ("likelihood", "forward")]
         write_likelihood_report(args, runs)
     if "attribution" not in args.parts:
         return
@@ -281,10 +282,10 @@ def write_likelihood_report(args, runs: list[dict]) -> None:
         "",
         f"Command: `.venv/bin/python bench/bench_attribution.py --parts likelihood --n-examples {args.n_examples} "
         f"--max-length {args.max_length} --eval-batch-size {args.eval_batch_size} --max-batch-tokens "
-        f"{args.max_batch_tokens} --dtype {args.dtype} --threads {args.threads}`",
+        f"{args.max_batch_tokens} --repeats {args.repeats} --dtype {args.dtype} --threads {args.threads}`",
         f"Model `{args.model}`, data `{args.data.name}`, {args.threads} threads, {args.dtype}; {machine()}; load "
         f"average at the end {open('/proc/loadavg').read().split()[0]}; run on {time.strftime('%Y-%m-%d')}. Each "
-        f"variant ran twice in its own subprocess, alternating; the best time of each is shown (all: "
+        f"variant ran {args.repeats} times in its own subprocess, alternating; the best time of each is shown (all: "
         + ", ".join(f"{r['variant']} {r['seconds']:.1f} s" for r in runs) + ").",
         "",
         "| variant | examples | tokens (prompt + response) | time (s) | tokens/s |",

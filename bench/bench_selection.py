@@ -160,9 +160,10 @@ def report(args, rows: list[dict]) -> None:
         "",
         f"- Target: new selection ≤ 2× the time to read both files. \"read\" loads every tensor of both files and "
         f"touches every value; selection reads them too, so the ratio includes its own reading.",
-        f"- Old: a full stable sort of every matrix (`matrix`), the three-pass radix select (`global`). New: a "
-        f"sampled lower bound on the k-th value, then only the ~k candidates ranked (`matrix`); one pass keeping "
-        f"the running top k (`global`). \"same mask\": old and new, and the sweep's two ways, give equal indices.",
+        f"- Old: a full stable sort of every matrix (`matrix`), the three-pass radix select (`global`). New: the "
+        f"maxima of small blocks bound the k-th value from below, then only the ~k candidates in the blocks "
+        f"reaching it are ranked (`matrix`); one pass keeping the running top k (`global`). \"same mask\": old "
+        f"and new, and the sweep's two ways, give equal indices.",
         f"- Sweep: q ∈ {{{sweep}}} at p = {args.p:g}; `select_grid` ranks each matrix once at the largest q and "
         f"reads each file once.",
         "",
