@@ -1,0 +1,107 @@
+"""Side-by-side Markdown tables of two runs of the same splits and evaluations under different recipes.
+
+    python docs/results/tabulate_recipes.py btap=runs/btap-smollm2 today=runs/today-smollm2
+
+Reads each run's ``results.sqlite`` (through ``harmprune results --json``'s rows) and ``summary.json``, and prints,
+per model: the compression sweep and the controls (one row per condition, the recipes' columns side by side), then
+the separability and harm-compression figures. Every number is a stored metric of those runs; nothing is computed
+here but the ratio of a pruned condition's harmful token likelihood to the unpruned one's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from harmprune.store import Store
+
+# (evaluation, metric, column title)
+COLUMNS = [
+    ("summary", "selected", "weights pruned"),
+    ("likelihood", "harmful_token_likelihood", "harmful tok. lik."),
+    ("likelihood", "benign_token_likelihood", "benign tok. lik."),
+    ("mmlu", "mmlu_accuracy", "MMLU"),
+    ("advbench_prefill", "harmful_rate", "prefilled AdvBench harmful (harm-classifier)"),
+    ("advbench_prefill", "refusal/refusal_rate", "prefilled AdvBench refusal (refusal judge)"),
+    ("strongreject_plain", "harmful_rate", "plain StrongREJECT harmful (harm-classifier)"),
+    ("strongreject_plain", "refusal/refusal_rate", "plain StrongREJECT refusal (refusal judge)"),
+]
+
+
+def rows_of(run: Path) -> dict[tuple, float]:
+    """(experiment, model, condition, q, seed, evaluation, metric) → value for one run directory."""
+    out = {}
+    for r in Store(run / "results.sqlite").metrics():
+        key = (r["experiment"], r["model"], r["condition"], r["q"], r["seed"], r["evaluation"], r["metric"])
+        out[key] = r["value"]
+    return out
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "–"
+    if float(value).is_integer() and (abs(value) >= 1 or value == 0):
+        return f"{int(value):,}"
+    return f"{value:.3f}" if abs(value) >= 0.001 or value == 0 else f"{value:.1e}"
+
+
+def conditions(rows: dict[tuple, float], model: str) -> list[tuple]:
+    seen = {(k[0], k[2], k[3], k[4]) for k in rows if k[1] == model and k[0] in ("compression", "controls")}
+    order = {"unpruned": 0, "harm-set": 1}
+    return sorted(seen, key=lambda c: (c[0] != "compression", order.get(c[1], 2), c[1], c[2] or 0, c[3] or 0))
+
+
+def table(runs: dict[str, dict[tuple, float]], model: str) -> str:
+    conds = sorted({c for rows in runs.values() for c in conditions(rows, model)},
+                   key=lambda c: (c[0] != "compression", {"unpruned": 0, "harm-set": 1}.get(c[1], 2), c[1],
+                                  c[2] or 0, c[3] or 0))
+    head = ["experiment", "condition", "q", "seed"]
+    cols = [(e, m, f"{t} [{name}]") for e, m, t in COLUMNS for name in runs]
+    lines = ["| " + " | ".join(head + [c[2] for c in cols]) + " |", "|" + "---|" * (len(head) + len(cols))]
+    for exp, cond, q, seed in conds:
+        cells = [exp, cond, f"{q:g}" if q is not None else "-", "-" if seed is None else str(int(seed))]
+        for e, m, title in cols:
+            name = title.rsplit("[", 1)[1].rstrip("]")
+            rows = runs[name]
+            value = rows.get((exp, model, cond, q, seed, e, m))
+            if value is None and cond == "unpruned" and e == "summary":
+                value = 0.0
+            cells.append(fmt(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def separability(summaries: dict[str, dict], model: str) -> str:
+    lines = ["| recipe | harm-compression fraction | Jaccard(harm set, utility set) at q | chance Jaccard | "
+             "utility-support AUROC | q |", "|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        m = s.get("experiments", {}).get("compression", {}).get("models", {}).get(model)
+        if not m:
+            continue
+        sep = m.get("separability") or {}
+        lines.append(f"| {name} | {fmt(m.get('harm_compression_fraction'))} | {fmt(sep.get('jaccard'))} | "
+                     f"{fmt(sep.get('chance_jaccard'))} | {fmt(sep.get('utility_support_auroc'))} | "
+                     f"{sep.get('q', '-')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    named = dict(a.split("=", 1) for a in argv)
+    runs = {n: rows_of(Path(p)) for n, p in named.items()}
+    summaries = {n: json.loads((Path(p) / "summary.json").read_text()) if (Path(p) / "summary.json").exists() else {}
+                 for n, p in named.items()}
+    models = defaultdict(int)
+    for rows in runs.values():
+        for k in rows:
+            if k[0] == "compression":
+                models[k[1]] += 1
+    for model in models:
+        print(f"### {model}\n")
+        print(table(runs, model) + "\n")
+        print(separability(summaries, model) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
