@@ -54,22 +54,21 @@ def conditions(rows: dict[tuple, float], model: str) -> list[tuple]:
 
 
 def table(runs: dict[str, dict[tuple, float]], model: str) -> str:
+    """One row per (condition, recipe): each condition's recipes on adjacent rows."""
+    rank = {"unpruned": 0, "harm-set": 1}
     conds = sorted({c for rows in runs.values() for c in conditions(rows, model)},
-                   key=lambda c: (c[0] != "compression", {"unpruned": 0, "harm-set": 1}.get(c[1], 2), c[1],
-                                  c[2] or 0, c[3] or 0))
-    head = ["experiment", "condition", "q", "seed"]
-    cols = [(e, m, f"{t} [{name}]") for e, m, t in COLUMNS for name in runs]
-    lines = ["| " + " | ".join(head + [c[2] for c in cols]) + " |", "|" + "---|" * (len(head) + len(cols))]
+                   key=lambda c: (c[0] != "compression", rank.get(c[1], 2), c[1], c[2] or 0, c[3] or 0))
+    head = ["experiment", "condition", "q", "seed", "recipe"] + [t for _, _, t in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for exp, cond, q, seed in conds:
-        cells = [exp, cond, f"{q:g}" if q is not None else "-", "-" if seed is None else str(int(seed))]
-        for e, m, title in cols:
-            name = title.rsplit("[", 1)[1].rstrip("]")
-            rows = runs[name]
-            value = rows.get((exp, model, cond, q, seed, e, m))
-            if value is None and cond == "unpruned" and e == "summary":
-                value = 0.0
-            cells.append(fmt(value))
-        lines.append("| " + " | ".join(cells) + " |")
+        for name, rows in runs.items():
+            values = [rows.get((exp, model, cond, q, seed, e, m)) for e, m, _ in COLUMNS]
+            if all(v is None for v in values):
+                continue
+            if cond == "unpruned":
+                values[0] = 0.0
+            cells = [exp, cond, f"{q:g}" if q is not None else "-", "-" if seed is None else str(int(seed)), name]
+            lines.append("| " + " | ".join(cells + [fmt(v) for v in values]) + " |")
     return "\n".join(lines)
 
 
