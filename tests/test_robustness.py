@@ -409,11 +409,10 @@ def test_judge_timeout_and_retries_are_options_with_unchanged_defaults():
 # ---------------------------------------------------------------------------------------------- (f) compression
 
 
-def test_compression_without_a_utility_evaluation_reports_without_utility(workdir, tmp_path):
-    from harmprune.experiments import run_config
-
-    (tmp_path / "c.toml").write_text(f'''
-name = "no-utility"
+def _compression_config(workdir, name: str) -> str:
+    """A one-model compression config on the tiny model and harmful pairs of ``workdir``, without utility."""
+    return f'''
+name = "{name}"
 [models.m]
 path = "{workdir / 'model'}"
 [data.harmful]
@@ -430,7 +429,13 @@ data = "harmful"
 [experiments.compression]
 harm_evaluation = "harm"
 harm_metric = "nll"
-''')
+'''
+
+
+def test_compression_without_a_utility_evaluation_reports_without_utility(workdir, tmp_path):
+    from harmprune.experiments import run_config
+
+    (tmp_path / "c.toml").write_text(_compression_config(workdir, "no-utility"))
     summary = json.loads((run_config(tmp_path / "c.toml", tmp_path / "run") / "summary.json").read_text())
     result = summary["experiments"]["compression"]
     point = result["models"]["m"]["points"][0]
@@ -448,25 +453,7 @@ def test_equal_work_in_two_run_directories_has_equal_stage_keys(workdir, tmp_pat
     from harmprune.experiments.runner import Runner
     from harmprune.tensorfile import TensorFile
 
-    (tmp_path / "c.toml").write_text(f'''
-name = "two-runs"
-[models.m]
-path = "{workdir / 'model'}"
-[data.harmful]
-path = "{workdir / 'harm.jsonl'}"
-[scoring]
-method = "signed-snip"
-harm = "harmful"
-max_length = 48
-[selection]
-q = [0.05]
-[evaluations.harm]
-kind = "likelihood"
-data = "harmful"
-[experiments.compression]
-harm_evaluation = "harm"
-harm_metric = "nll"
-[experiments.controls]
+    (tmp_path / "c.toml").write_text(_compression_config(workdir, "two-runs") + '''[experiments.controls]
 kinds = ["random"]
 seeds = [0]
 harm_evaluation = "harm"
