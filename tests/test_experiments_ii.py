@@ -413,11 +413,11 @@ def test_refusal_data_keeps_refusals_and_replaces_compliance():
     made = {}
     runner = SimpleNamespace(records=lambda name: records, config=SimpleNamespace(seed=0),
                              derived_data=lambda name, recs: made.setdefault(name, recs) and name)
-    name = refusal_data(runner, {"refusal_data": "mixed"})
+    name = refusal_data(runner, "mixed")
     pairs = made[name]
     assert pairs[0] == records[0]
     assert [p.prompt for p in pairs] == [r.prompt for r in records]
     assert all(p.response in GENERIC_REFUSALS for p in pairs[1:]) and pairs[1].category == "cyber"
     only_refusals = [records[0]]
     runner.records = lambda name: only_refusals
-    assert refusal_data(runner, {"refusal_data": "clean"}) == "clean"
+    assert refusal_data(runner, "clean") == "clean"
