@@ -18,7 +18,7 @@ from typing import Any, Callable, Collection, Mapping
 from harmprune.data import Record
 from harmprune.evals.scoring import DEFAULT_BATCH_TOKENS
 from harmprune.generation import write_generations
-from harmprune.specs import options, param
+from harmprune.specs import Invalid, options, param
 
 MATCHES = ("exact", "contains")
 PATH_REFS = ("file", "dir", "source")
@@ -138,8 +138,6 @@ class UtilitySpec:
     batch_size: int = param(8, at_least=1)
 
     def check(self) -> None:
-        from harmprune.specs import Invalid
-
         if not (self.mmlu or self.ppl_file or self.ppl_data or self.lm_eval_tasks):
             raise Invalid("mmlu", "nothing to evaluate: give mmlu, ppl_file, ppl_data and/or lm_eval_tasks")
 

@@ -307,7 +307,7 @@ class Runner:
 
         The key hashes the evaluation's table, the records of every data set its spec declares it reads (whatever
         the field is called) and the files of its judge."""
-        from harmprune.experiments.evaluations import judge_files, run_evaluation
+        from harmprune.experiments.evaluations import run_evaluation
         from harmprune.pruning import pruned
         from harmprune.specs import references
 
@@ -315,7 +315,7 @@ class Runner:
         params = {"model": self.model_hash(model_name), "mask": sha256_file(mask) if mask else None,
                   "evaluation": ev.table, "data": {k: self.data_hash(v) for k, v in references(ev.spec, "data").items()},
                   "format": self.model_format(model_name), "seed": self.config.seed}
-        files = {k: hash_model_source(v) for k, v in judge_files(ev.spec).items()}
+        files = judge_file_hashes(ev.spec)
         if files:  # a grader retrained in place must not reuse old verdicts
             params["judge_files"] = files
 
@@ -504,6 +504,13 @@ def _fresh_partial_dir(final: Path) -> Path:
     partial = final.with_name(f"{final.name}.partial-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     partial.mkdir(parents=True)
     return partial
+
+
+def judge_file_hashes(spec: Any) -> dict[str, str]:
+    """Content hashes of the local files and directories an evaluation's judge reads (models, adapters, prompts)."""
+    from harmprune.experiments.evaluations import judge_files
+
+    return {k: hash_model_source(v) for k, v in judge_files(spec).items()}
 
 
 def hash_model_source(source: str) -> str:
