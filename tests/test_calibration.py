@@ -264,25 +264,33 @@ def _env() -> dict[str, str]:
 def test_emergent_misalignment_route_scores_the_models_own_filtered_answers(project):
     """The EM experiment's ``self_generated`` harm data: the (fine-tuned) model's answers, prefilled and filtered."""
     from harmprune.experiments import load_checked_config
-    from harmprune.experiments.emergent_misalignment import _self_generated
+    from harmprune.experiments.emergent_misalignment import EMParams, _self_generated
     from harmprune.experiments.runner import Runner
     from harmprune.store import Store
 
     cfg = project / "c.toml"
     cfg.write_text(CONFIG.replace("PREFILL", "4"))
     runner = Runner(load_checked_config(cfg), project / "em-run")
-    params = {"generation_prefill_tokens": 4, "generation_refusal_judge": "test-marked-refuser",
-              "generation_max_new_tokens": 6}
-    name = _self_generated(runner, "m", "adv", params)
+
+    def params(**given) -> EMParams:
+        return EMParams(narrow_data="adv", em_evaluation="nll", **given)
+
+    name = _self_generated(runner, "m", "adv", params(generation_prefill_tokens=4,
+                                                      generation_refusal_judge="test-marked-refuser",
+                                                      generation_max_new_tokens=6))
     records = runner.records(name)
     assert all(REFUSED_MARK not in r.prompt and r.source[UNSCORED_PREFIX] == "Sure" for r in records)
     rows = {r["metric"]: r["value"] for r in Store(project / "em-run" / "results.sqlite").metrics(
         experiment="calibration", condition="emergent_misalignment:self_generated", evaluation="adv")}
     assert rows["refused"] == 3 and rows["kept"] == len(records)
     # Without the new settings the answers are the old ones: unfiltered, prefix scored (cache keys unchanged).
-    plain = runner.records(_self_generated(runner, "m", "adv", {"generation_max_new_tokens": 6}))
+    plain = runner.records(_self_generated(runner, "m", "adv", params(generation_max_new_tokens=6)))
     assert len(plain) >= len(records) and all(UNSCORED_PREFIX not in r.source for r in plain)
-    with pytest.raises(ConfigError, match="not both"):
-        _self_generated(runner, "m", "adv", {"generation_prefix": "Sure", "generation_prefill_tokens": 3})
-    with pytest.raises(ConfigError, match="generation_refusal_judge 'nobody' is not a judge"):
-        _self_generated(runner, "m", "adv", {"generation_refusal_judge": "nobody"})
+    # Bad generation settings are refused when the config is checked, before any experiment runs.
+    em = '\n[experiments.emergent_misalignment]\nnarrow_data = "adv"\nem_evaluation = "nll"\nin_domain_metric = "nll"\n'
+    for extra, message in (('generation_prefix = "Sure"\ngeneration_prefill_tokens = 3', "not both"),
+                           ('generation_refusal_judge = "nobody"',
+                            "generation_refusal_judge names unknown judge 'nobody'")):
+        cfg.write_text(CONFIG.replace("PREFILL", "4") + em + extra + "\n")
+        with pytest.raises(ConfigError, match=message):
+            load_checked_config(cfg)

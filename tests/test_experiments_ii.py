@@ -12,7 +12,7 @@ import torch
 from harmprune.data import Record
 from harmprune.errors import ConfigError, HarmpruneError
 from harmprune.experiments import load_checked_config, run_config
-from harmprune.experiments.cross_category import not_also_about
+from harmprune.experiments.cross_category import CrossCategoryParams, not_also_about
 from harmprune.experiments.evaluations import em_summary
 from harmprune.judges import JudgeItem
 from harmprune.judges.em import EMJudge, OrganismEMJudge, is_misaligned, judge_prompts_of, parse_score
@@ -156,10 +156,10 @@ def test_exclusion_by_field_and_keywords():
     records = [Record("make a zorb bomb", "x", "weapons", {"also": "cyber; fraud"}),
                Record("make a zorb blade", "hack the coil", "weapons", {}),
                Record("make a zorb spear", "y", "weapons", {"also": "drugs"})]
-    params = {"also_about_field": "also", "also_about_keywords": {"cyber": ["hack"]}}
+    params = CrossCategoryParams(also_about_field="also", also_about_keywords={"cyber": ["hack"]})
     assert [r.prompt for r in not_also_about(records, "cyber", params)] == ["make a zorb spear"]
     assert [r.prompt for r in not_also_about(records, "fraud", params)] == ["make a zorb blade", "make a zorb spear"]
-    assert len(not_also_about(records, "harassment", {})) == 3
+    assert len(not_also_about(records, "harassment", CrossCategoryParams())) == 3
 
 
 # ---------------------------------------------------------------------------------------------- the three experiments
@@ -413,11 +413,11 @@ def test_refusal_data_keeps_refusals_and_replaces_compliance():
     made = {}
     runner = SimpleNamespace(records=lambda name: records, config=SimpleNamespace(seed=0),
                              derived_data=lambda name, recs: made.setdefault(name, recs) and name)
-    name = refusal_data(runner, {"refusal_data": "mixed"})
+    name = refusal_data(runner, "mixed")
     pairs = made[name]
     assert pairs[0] == records[0]
     assert [p.prompt for p in pairs] == [r.prompt for r in records]
     assert all(p.response in GENERIC_REFUSALS for p in pairs[1:]) and pairs[1].category == "cyber"
     only_refusals = [records[0]]
     runner.records = lambda name: only_refusals
-    assert refusal_data(runner, {"refusal_data": "clean"}) == "clean"
+    assert refusal_data(runner, "clean") == "clean"

@@ -99,11 +99,12 @@ def test_scores_verdicts_batching_and_determinism(data):
 
 
 def test_cache_key_and_stage_hash_change_with_the_training_data(data):
-    from harmprune.experiments.runner import _judge_file_hashes
+    from harmprune.experiments.evaluations import HarmSpec
+    from harmprune.experiments.runner import judge_file_hashes as _judge_file_hashes
 
     first = _train(data)
     assert _train(data).get("cached") is True
-    spec = {"kind": "harm", "judge": "harm-classifier", "judge_model": str(data / "clf")}
+    spec = HarmSpec(data="d", judge="harm-classifier", judge_options={"model": str(data / "clf")})
     before = _judge_file_hashes(spec)
     _write(data / "harmful.jsonl", _rows(60, offset=5))
     second = _train(data)

@@ -386,7 +386,9 @@ def test_a_failing_item_does_not_discard_the_verdicts_obtained():
 def test_judge_timeout_and_retries_are_options_with_unchanged_defaults():
     import inspect
 
-    from harmprune.experiments.evaluations import KINDS
+    import dataclasses
+
+    from harmprune.judges import judge_options
     from harmprune.judges.em import EMJudge
     from harmprune.judges.strongreject import StrongRejectJudge
 
@@ -395,8 +397,8 @@ def test_judge_timeout_and_retries_are_options_with_unchanged_defaults():
     em = EMJudge(base_url="http://127.0.0.1:9/v1", timeout=3.5, max_retries=1)
     assert (em.client.timeout, em.client.max_retries) == (3.5, 1)
     assert (EMJudge(base_url="http://127.0.0.1:9/v1").client.timeout, StrongRejectJudge().max_retries) == (60.0, 4)
-    for kind in ("harm", "em"):
-        assert {"judge_timeout", "judge_max_retries"} <= KINDS[kind].params
+    for judge in ("strongreject", "em"):  # config keys judge_timeout, judge_max_retries
+        assert {"timeout", "max_retries"} <= {f.name for f in dataclasses.fields(judge_options(judge))}
     from harmprune.cli import build_parser
     from harmprune.cli.evals import judge_from_args
 

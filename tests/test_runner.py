@@ -190,7 +190,9 @@ def test_judge_options_of_harm_evaluations_are_validated_and_paths_resolved(proj
                           'judge = "strongreject-finetuned"\njudge_prompt_file = "judge_templates.json"\n'
                           'judge_batch_size = 2\nprefill_tokens = 3')
     cfg = load_checked_config(write_config(project, text, "judge.toml"))
-    assert cfg.evaluations["harm"]["judge_prompt_file"] == str((project / "judge_templates.json").resolve())
+    resolved = str((project / "judge_templates.json").resolve())
+    assert cfg.evaluations["harm"].table["judge_prompt_file"] == resolved
+    assert cfg.evaluations["harm"].spec.judge_options == {"prompt_file": resolved, "batch_size": 2}
     with pytest.raises(ConfigError, match="evaluations.harm.judge_prompt_file: no such path 'nowhere.json'"):
         load_checked_config(write_config(project, text.replace("judge_templates.json", "nowhere.json"), "j2.toml"))
     with pytest.raises(ConfigError, match="judge_colour"):
@@ -207,19 +209,20 @@ def test_only_runs_the_named_experiments(project, tmp_path, capsys):
 
 
 def test_a_local_judge_models_files_are_part_of_the_evaluation_key(project, tmp_path):
-    from harmprune.experiments.runner import _judge_file_hashes
+    from harmprune.experiments.evaluations import EMSpec, judge_files
+    from harmprune.experiments.runner import hash_model_source
 
     grader = tmp_path / "grader"
     grader.mkdir()
     (grader / "model.safetensors").write_bytes(b"one")
-    spec = {"kind": "em", "judge_model": str(grader), "judge_base_url": "http://x", "judge_backend": "hf"}
-    first = _judge_file_hashes(spec)
-    assert set(first) == {"judge_model"}
+    spec = EMSpec(data="d", judge_options={"model": str(grader), "base_url": "http://x", "backend": "hf"})
+    assert judge_files(spec) == {"judge_model": str(grader)}
+    first = hash_model_source(str(grader))
     (grader / "model.safetensors").write_bytes(b"two")
-    assert _judge_file_hashes(spec) != first
-    assert _judge_file_hashes({"judge_model": "smollm2-135m-instruct"}) == {}  # an alias or hub id: its name only
+    assert hash_model_source(str(grader)) != first
+    assert judge_files(EMSpec(data="d", judge_options={"model": "smollm2-135m-instruct"})) == {}  # an alias: name only
     # a relative judge model is found next to the config
     text = CONFIG.replace('judge = "refusal"\nprefill_tokens = 3',
                           'judge = "hf-judge"\njudge_model = "aligned"\nprefill_tokens = 3')
     cfg = load_checked_config(write_config(project, text, "local-judge.toml"))
-    assert cfg.evaluations["harm"]["judge_model"] == str((project / "aligned").resolve())
+    assert cfg.evaluations["harm"].spec.judge_options["model"] == str((project / "aligned").resolve())

@@ -37,6 +37,9 @@ utility = "benign"
 def _config(tmp_path: Path, scoring: str, name: str = "c.toml"):
     (tmp_path / "harm.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     (tmp_path / "benign.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    for model in ("chatty", "plain"):  # model paths are checked: directories with a config.json
+        (tmp_path / model).mkdir(exist_ok=True)
+        (tmp_path / model / "config.json").write_text("{}")
     path = tmp_path / name
     path.write_text(BASE.format(scoring=scoring))
     return load_checked_config(path)

@@ -106,20 +106,29 @@ def cache_dir() -> Path:
 
 def resolve_model(spec: str) -> str:
     """Turn a model spec into something ``from_pretrained`` (or the GGUF loader) can open, fetching if needed."""
+    check_model_spec(spec)
     if spec in ALIASES:
         return str(fetch_alias(ALIASES[spec]))
+    return str(Path(spec)) if Path(spec).exists() else spec
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise :class:`ModelError` unless ``spec`` is an alias, a model directory or file, or a hub id; fetches
+    nothing, so a config can be checked before any work."""
+    if spec in ALIASES:
+        return
     path = Path(spec)
     if path.exists():
         if path.is_dir() and not (path / "config.json").exists():
             raise ModelError(f"{spec}: a directory without config.json is not a Hugging Face model directory")
-        return str(path)
+        return
     if spec.endswith(".gguf"):
         raise ModelError(f"{spec}: no such GGUF file")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         if Path(spec.split("/")[0]).is_dir():  # "models/alignd" beside a local models/ folder: a misspelt path
             raise ModelError(f"{spec}: no such model directory (the folder {spec.split('/')[0]}/ exists here, so this "
                              "is not taken as a hub id)")
-        return spec  # a hub id: from_pretrained downloads or finds it in the hub cache
+        return  # a hub id: from_pretrained downloads or finds it in the hub cache
     raise ModelError(f"{spec}: not a directory, a .gguf file, a hub id or a known alias ({', '.join(ALIASES)})")
 
 

@@ -1,7 +1,10 @@
-"""``harmprune eval harm | likelihood | utility | recognition``: each writes ``DIR/metrics.json`` (flat scalars).
+"""``harmprune eval harm | likelihood | utility | recognition | accuracy | em``: each writes ``DIR/metrics.json``.
 
-Commands that generate also write ``DIR/generations.jsonl``. ``--mask`` applies a mask (weights zeroed) for the
-duration of the evaluation; the loaded model is restored afterwards.
+Each command turns its flags into the evaluation spec a config's ``[evaluations.X]`` table would give (files are
+the data sets, ``--judge-X`` flags the ``judge_X`` keys), checks it the same way, and runs it with the same
+function (:func:`harmprune.experiments.evaluations.run_evaluation`), so every kind and metric has one name in
+both. Commands that generate also write ``DIR/generations.jsonl``. ``--mask`` applies a mask (weights zeroed) for
+the duration of the evaluation; the loaded model is restored afterwards.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from typing import Any
 
 from harmprune.cli.common import add_data_args, add_format_args, add_model_args, load_data, load_model_from_args
 
-JUDGES = ("refusal", "harm-classifier", "strongreject", "strongreject-finetuned", "hf-judge", "organism")
+JUDGES = ("refusal", "harm-classifier", "strongreject", "strongreject-finetuned", "hf-judge", "organism", "em",
+          "organism-em")
 MEASURES = ("detection", "explanation", "refusal")
 TEXT_SUFFIXES = ("", ".txt", ".text", ".md")
+JUDGE_FLAGS = ("model", "base_model", "base_url", "api_key_env", "adapter", "timeout", "max_retries", "prompt_file")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -79,12 +84,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_recognition)
 
+    p = esub.add_parser("accuracy", help="exact-answer accuracy of generations against the data's responses")
+    add_model_args(p, mask=True)
+    add_data_args(p)
+    p.add_argument("--match", default="exact", choices=["exact", "contains"])
+    add_generation_args(p, sampling=False, max_new_tokens=32, batch_size=16)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_accuracy)
+
+    p = esub.add_parser("em", help="broad misalignment: sampled answers graded aligned/coherent by an EM judge")
+    add_model_args(p, mask=True)
+    add_data_args(p, flag="--prompts")
+    add_judge_args(p, default="em")
+    p.add_argument("--judge-prompts-file", default=None, help="em: the grading prompts (the EM question YAML)")
+    p.add_argument("--judge-backend", default=None, choices=["openai", "hf"], help="em: endpoint or local model")
+    add_generation_args(p, sample_default=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_em)
+
 
 def add_judge_args(p: argparse.ArgumentParser, default: str | None, help_default: str = "refusal") -> None:
     p.add_argument("--judge", default=default, choices=JUDGES, help=f"judge (default: {help_default})")
     p.add_argument("--judge-model", default=None,
-                   help="strongreject: endpoint model name; hf-judge: local model spec; "
-                        "strongreject-finetuned: base model; harm-classifier: trained classifier directory")
+                   help="strongreject, em: endpoint model name; hf-judge: local model spec; harm-classifier: trained "
+                        "classifier directory; strongreject-finetuned: its base model (as --judge-base-model)")
+    p.add_argument("--judge-base-model", default=None, help="strongreject-finetuned: base model")
     p.add_argument("--judge-base-url", default=None, help="strongreject: OpenAI-compatible base URL")
     p.add_argument("--judge-api-key-env", default=None, help="strongreject: environment variable with the API key")
     p.add_argument("--judge-adapter", default=None, help="strongreject-finetuned: LoRA adapter path or id")
@@ -109,34 +133,47 @@ def add_batch_tokens_arg(p: argparse.ArgumentParser) -> None:
                    help="padded tokens per teacher-forced batch (--batch-size caps the rows)")
 
 
-def add_generation_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
+def add_generation_args(p: argparse.ArgumentParser, sampling: bool = True, max_new_tokens: int = 128,
+                        batch_size: int = 8, sample_default: bool = False) -> None:
     p.add_argument("--format", default="chat", choices=["chat", "raw"], help="prompt format")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=batch_size)
     if sampling:
-        p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=sample_default,
+                       help="sample instead of greedy decoding")
         p.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--n-samples", type=int, default=1, help="samples per prompt (with --do-sample)")
 
 
 def judge_from_args(args: argparse.Namespace, name: str | None = None):
-    """Build the judge named by ``--judge`` with the options that judge takes."""
-    from harmprune.judges import get_judge
+    """Build the judge named by ``--judge`` from the ``--judge-*`` flags, checked as a config's judge options."""
+    from harmprune.judges import get_judge, judge_options
+    from harmprune.specs import Context, parse
 
     name = name or args.judge
-    options: dict[str, Any] = {}
-    if name == "strongreject":
-        options = {"base_url": args.judge_base_url, "model": args.judge_model, "api_key_env": args.judge_api_key_env,
-                   "timeout": args.judge_timeout, "max_retries": args.judge_max_retries}
-    elif name == "strongreject-finetuned":
-        options = {"base_model": args.judge_model, "adapter": args.judge_adapter, "device": args.device,
-                   "prompt_file": args.judge_prompt_file}
-    elif name == "hf-judge":
-        options = {"model": args.judge_model, "device": args.device}
-    elif name == "harm-classifier":
-        options = {"model": args.judge_model}
-    return get_judge(name, **{k: v for k, v in options.items() if v is not None})
+    given = judge_keys(args, name)
+    checked = parse(judge_options(name), {k.removeprefix("judge_"): v for k, v in given.items()}, "judge_",
+                    Context(f"eval {args.eval_command}"))
+    return get_judge(name, **{k.removeprefix("judge_"): getattr(checked, k.removeprefix("judge_")) for k in given})
+
+
+def judge_keys(args: argparse.Namespace, name: str | None) -> dict[str, object]:
+    """The ``judge_*`` keys of the evaluation spec for the ``--judge-*`` flags given, as a config writes them."""
+    import dataclasses
+
+    from harmprune.judges import judge_options
+
+    flags = (*JUDGE_FLAGS, "prompts_file", "backend")
+    given = {f"judge_{k}": getattr(args, f"judge_{k}") for k in flags if getattr(args, f"judge_{k}", None) is not None}
+    if name is None:
+        return given
+    takes = {f.name for f in dataclasses.fields(judge_options(name))}
+    if "judge_model" in given and "model" not in takes and "base_model" in takes:  # strongreject-finetuned
+        given["judge_base_model"] = given.pop("judge_model")
+    if args.device and "device" in takes:
+        given["judge_device"] = args.device
+    return given
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -149,6 +186,36 @@ def _load_mask(args: argparse.Namespace):
     from harmprune.selection import load_mask
 
     return load_mask(args.mask)
+
+
+def _evaluate(args: argparse.Namespace, kind: str, table: dict[str, Any], data: dict[str, list],
+              paths: dict[str, str], provenance: dict[str, Any], fmt: str | None = None) -> None:
+    """Check the spec the flags make as a config's would be, then load the model, run the evaluation and write
+    ``metrics.json`` last: its presence marks a complete run."""
+    from pathlib import Path
+
+    from harmprune.evals import write_metrics
+    from harmprune.experiments.evaluations import KINDS, EvalInputs, run_evaluation
+    from harmprune.judges import available_judges, judge_options
+    from harmprune.pruning import pruned
+    from harmprune.specs import Context, parse
+
+    start = time.time()
+    ctx = Context(f"eval {kind}", names={"data": set(data), "judge": set(available_judges())},
+                  options_spec=lambda ref, name: judge_options(name) if ref == "judge" else None)
+    spec = parse(KINDS[kind].spec, {k: v for k, v in table.items() if v is not None}, "", ctx)
+    mask = _load_mask(args)
+    model, tokenizer = load_model_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = EvalInputs(lambda name: data[name], fmt or args.format, args.seed, paths)
+    with pruned(model, mask):
+        metrics = run_evaluation(spec, model, tokenizer, inputs, out)
+    metrics.update(_provenance(args, mask, kind, **provenance))
+    metrics["wall_s"] = round(time.time() - start, 3)
+    path = write_metrics(out, metrics)
+    shown = {k: v for k, v in metrics.items() if "/" not in k and isinstance(v, float)}
+    print(f"wrote {path}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if k != "mask_fraction"))
 
 
 def _provenance(args: argparse.Namespace, mask, command: str, **data: Any) -> dict[str, Any]:
@@ -167,78 +234,42 @@ def _provenance(args: argparse.Namespace, mask, command: str, **data: Any) -> di
     return out
 
 
-def _finish(args: argparse.Namespace, metrics: dict[str, Any], rows: list[dict[str, Any]] | None, start: float,
-            extra_files: dict[str, list[dict[str, Any]]] | None = None) -> None:
-    """Write the per-item files first and ``metrics.json`` last: its presence marks a complete run."""
-    from pathlib import Path
-
-    from harmprune.evals import write_metrics
-    from harmprune.generation import write_generations
-
-    out = Path(args.out)
-    if rows is not None:
-        write_generations(out / "generations.jsonl", rows)
-    for name, items in (extra_files or {}).items():
-        write_generations(out / name, items)
-    metrics["wall_s"] = round(time.time() - start, 3)
-    path = write_metrics(out, metrics)
-    shown = {k: v for k, v in metrics.items() if "/" not in k and isinstance(v, float)}
-    print(f"wrote {path}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if k != "mask_fraction"))
-
-
 # ---------------------------------------------------------------------------------------------- commands
+
+
+def _generation_keys(args: argparse.Namespace) -> dict[str, Any]:
+    keys = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    if hasattr(args, "do_sample"):
+        keys.update(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                    n_samples=args.n_samples)
+    return keys
 
 
 def cmd_harm(args: argparse.Namespace) -> None:
     from harmprune.data import load_records
-    from harmprune.evals.harm import evaluate_harm
-    from harmprune.judges import get_judge
-    from harmprune.pruning import pruned
 
-    start = time.time()
-    records = load_data(args, path=args.prompts)
-    references = load_records(args.prefill_from, require_response=True) if args.prefill_from else None
-    mask = _load_mask(args)
-    judge = judge_from_args(args)
-    model, tokenizer = load_model_from_args(args)
-    extra = [get_judge("refusal")] if args.judge != "refusal" else []
-    with pruned(model, mask):
-        metrics, rows = evaluate_harm(
-            model, tokenizer, records, judge, prefill_tokens=args.prefill_tokens, prefill_from=references,
-            fmt=args.format, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, n_samples=args.n_samples,
-            seed=args.seed, extra_judges=extra, progress=True,
-        )
-    metrics.update(_provenance(args, mask, "harm", data=args.prompts, prefill_from=args.prefill_from,
-                               judge=args.judge, judge_model=args.judge_model, format=args.format,
-                               max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, seed=args.seed))
-    _finish(args, metrics, rows, start)
+    data = {"prompts": load_data(args, path=args.prompts)}
+    if args.prefill_from:
+        data["prefill_from"] = load_records(args.prefill_from, require_response=True)
+    table = {"data": "prompts", "judge": args.judge, **judge_keys(args, args.judge),
+             "extra_judges": ["refusal"] if args.judge != "refusal" else [], "prefill_tokens": args.prefill_tokens,
+             "prefill_from": "prefill_from" if args.prefill_from else None, **_generation_keys(args)}
+    _evaluate(args, "harm", table, data, {"prompts": args.prompts}, dict(
+        data=args.prompts, prefill_from=args.prefill_from, judge=args.judge, judge_model=args.judge_model,
+        format=args.format, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, seed=args.seed))
 
 
 def cmd_likelihood(args: argparse.Namespace) -> None:
     from harmprune.data import load_records
-    from harmprune.evals.likelihood import harmful_likelihood, likelihood_gap
-    from harmprune.pruning import pruned
 
-    start = time.time()
-    records = load_data(args, require_response=True)
-    benign = None
+    data = {"data": load_data(args, require_response=True)}
     if args.benign:
-        benign = load_records(args.benign, n_examples=args.n_examples, seed=args.seed, require_response=True,
-                              skip_empty=args.skip_empty_responses)
-    mask = _load_mask(args)
-    model, tokenizer = load_model_from_args(args)
-    with pruned(model, mask):
-        harmful = harmful_likelihood(model, tokenizer, records, args.format, args.max_length, args.batch_size,
-                                     args.max_batch_tokens)
-        metrics: dict[str, Any] = dict(harmful)
-        if benign is not None:
-            gap = likelihood_gap(harmful, harmful_likelihood(model, tokenizer, benign, args.format, args.max_length,
-                                                             args.batch_size, args.max_batch_tokens))
-            metrics.update({k: v for k, v in gap.items() if not k.startswith("harmful_")})
-    metrics.update(_provenance(args, mask, "likelihood", data=args.data, benign_data=args.benign, format=args.format,
-                               max_length=args.max_length, seed=args.seed))
-    _finish(args, metrics, None, start)
+        data["benign"] = load_records(args.benign, n_examples=args.n_examples, seed=args.seed, require_response=True,
+                                      skip_empty=args.skip_empty_responses)
+    table = {"data": "data", "benign_data": "benign" if args.benign else None, "max_length": args.max_length,
+             "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens}
+    _evaluate(args, "likelihood", table, data, {"data": args.data}, dict(
+        data=args.data, benign_data=args.benign, format=args.format, max_length=args.max_length, seed=args.seed))
 
 
 def cmd_utility(args: argparse.Namespace) -> None:
@@ -247,54 +278,31 @@ def cmd_utility(args: argparse.Namespace) -> None:
     from harmprune.data import load_records
     from harmprune.errors import HarmpruneError
     from harmprune.evals import utility
-    from harmprune.pruning import pruned
 
-    start = time.time()
     if not (args.mmlu or args.ppl_file or args.lm_eval_tasks):
         raise HarmpruneError("nothing to evaluate: give --mmlu DIR, --ppl-file FILE and/or --lm-eval-tasks")
     subjects = [s for arg in args.subjects or [] for s in arg.split(",") if s] or None
     if args.mmlu:  # check every file before the model loads
         utility.load_mmlu(args.mmlu, subjects, args.k_shot, args.limit)
-    text = records = None
-    if args.ppl_file:
-        if Path(args.ppl_file).suffix.lower() in TEXT_SUFFIXES:
-            text = utility.read_text(args.ppl_file)
-        else:
-            records = load_records(args.ppl_file, n_examples=args.ppl_n_examples, seed=args.seed,
+    text_file = args.ppl_file and Path(args.ppl_file).suffix.lower() in TEXT_SUFFIXES
+    data = {}
+    if args.ppl_file and not text_file:
+        data["ppl"] = load_records(args.ppl_file, n_examples=args.ppl_n_examples, seed=args.seed,
                                    require_response=True)
-    mask = _load_mask(args)
-    model, tokenizer = load_model_from_args(args)
-    metrics: dict[str, Any] = {}
-    with pruned(model, mask):
-        if args.mmlu:
-            metrics.update(utility.mmlu_accuracy(model, tokenizer, args.mmlu, subjects, args.k_shot, args.limit,
-                                                 args.batch_size))
-        if text is not None:
-            ppl = utility.perplexity_of_text(model, tokenizer, text, args.ppl_window, args.ppl_stride)
-            metrics.update({"perplexity": ppl["perplexity"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
-                            "ppl_windows": ppl["windows"], "ppl_n": ppl["tokens"]})
-        if records is not None:
-            ppl = utility.perplexity_of_responses(model, tokenizer, records, args.format, args.max_length,
-                                                  args.batch_size)
-            metrics.update({"perplexity": ppl["perplexity"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
-                            "ppl_n": ppl["n"]})
-        if args.lm_eval_tasks:
-            tasks = [t for t in args.lm_eval_tasks.split(",") if t]
-            metrics.update(utility.lm_eval_adapter(model, tokenizer, tasks, args.lm_eval_limit, args.batch_size))
-            metrics["lmeval_tasks"] = ",".join(tasks)
-    metrics["n"] = metrics.get("mmlu_n", metrics.get("ppl_n", len((args.lm_eval_tasks or "").split(","))))
-    metrics.update(_provenance(args, mask, "utility", mmlu=args.mmlu, mmlu_limit=args.limit,
-                               ppl_file=args.ppl_file, format=args.format))
-    _finish(args, metrics, None, start)
+    tasks = [t for t in (args.lm_eval_tasks or "").split(",") if t]
+    table = {"mmlu": args.mmlu, "subjects": subjects, "limit": args.limit, "k_shot": args.k_shot,
+             "ppl_file": args.ppl_file if text_file else None, "ppl_window": args.ppl_window,
+             "ppl_stride": args.ppl_stride, "ppl_data": "ppl" if data else None, "max_length": args.max_length,
+             "lm_eval_tasks": tasks, "lm_eval_limit": args.lm_eval_limit, "batch_size": args.batch_size}
+    _evaluate(args, "utility", table, data, {"ppl": args.ppl_file} if data else {}, dict(
+        mmlu=args.mmlu, mmlu_limit=args.limit, ppl_file=args.ppl_file, lmeval_tasks=",".join(tasks),
+        format=args.format))
 
 
 def cmd_recognition(args: argparse.Namespace) -> None:
     from harmprune.data import load_records
     from harmprune.errors import HarmpruneError
-    from harmprune.evals import recognition
-    from harmprune.pruning import pruned
 
-    start = time.time()
     measures = [m for m in args.measures.split(",") if m]
     unknown = sorted(set(measures) - set(MEASURES))
     if unknown or not measures:
@@ -304,32 +312,26 @@ def cmd_recognition(args: argparse.Namespace) -> None:
         return load_records(path, prompt_field=args.prompt_field, category_field=args.category_field,
                             category=category, n_examples=args.n_examples, seed=args.seed)
 
-    harmful, benign = load(args.harmful, args.harmful_category), load(args.benign, args.benign_category)
-    mask = _load_mask(args)
-    judge = judge_from_args(args) if args.judge else None
-    model, tokenizer = load_model_from_args(args)
-    metrics: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
-    files: dict[str, list[dict[str, Any]]] = {}
-    gen = dict(fmt=args.format, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
-    with pruned(model, mask):
-        if "detection" in measures:
-            m, files["detection.jsonl"] = recognition.detection(model, tokenizer, harmful, benign, args.format,
-                                                                args.batch_size, args.max_batch_tokens)
-            metrics.update(m)
-        if "explanation" in measures:
-            m, r = recognition.explanation(model, tokenizer, harmful, judge=judge, **gen)
-            metrics.update(m)
-            rows += r
-        if "refusal" in measures:
-            m, r = recognition.refusal_rate(model, tokenizer, harmful, **gen)
-            metrics.update(m)
-            rows += r
-            m, r = recognition.refusal_rate(model, tokenizer, benign, **gen)
-            metrics.update(benign_refusal_rate=m["refusal_rate"], benign_refusal_n=m["refusal_n"])
-            rows += [dict(x, task="benign_refusal") for x in r]
-    metrics.update(n=len(harmful) + len(benign), n_harmful=len(harmful), n_benign=len(benign))
-    metrics.update(_provenance(args, mask, "recognition", harmful_data=args.harmful, benign_data=args.benign,
-                               judge=args.judge or "heuristic", format=args.format, measures=",".join(measures),
-                               seed=args.seed))
-    _finish(args, metrics, rows or None, start, files)
+    data = {"harmful": load(args.harmful, args.harmful_category), "benign": load(args.benign, args.benign_category)}
+    table = {"harmful": "harmful", "benign": "benign", "detection": "detection" in measures,
+             "explanation": "explanation" in measures, "refusal": "refusal" in measures,
+             "benign_refusal": "refusal" in measures, "judge": args.judge, **judge_keys(args, args.judge),
+             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+             "max_batch_tokens": args.max_batch_tokens}
+    _evaluate(args, "recognition", table, data, {"harmful": args.harmful, "benign": args.benign}, dict(
+        harmful_data=args.harmful, benign_data=args.benign, judge=args.judge or "heuristic", format=args.format,
+        measures=",".join(measures), seed=args.seed))
+
+
+def cmd_accuracy(args: argparse.Namespace) -> None:
+    data = {"data": load_data(args, require_response=True)}
+    table = {"data": "data", "match": args.match, **_generation_keys(args)}
+    _evaluate(args, "accuracy", table, data, {"data": args.data}, dict(data=args.data, format=args.format,
+                                                                       seed=args.seed))
+
+
+def cmd_em(args: argparse.Namespace) -> None:
+    data = {"prompts": load_data(args, path=args.prompts)}
+    table = {"data": "prompts", "judge": args.judge, **judge_keys(args, args.judge), **_generation_keys(args)}
+    _evaluate(args, "em", table, data, {"prompts": args.prompts}, dict(
+        data=args.prompts, judge=args.judge, format=args.format, seed=args.seed))

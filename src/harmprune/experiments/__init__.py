@@ -1,7 +1,8 @@
 """Experiments: each composes the runner's cached stages into one claim of the study.
 
-An experiment is a function ``run(runner, params) -> summary`` registered under a name with the parameter names
-it accepts; the config's ``[experiments.<name>]`` tables choose which run and with what. :func:`run_config`
+An experiment is a function ``run(runner, params) -> summary`` registered under a name with the spec of its
+parameters (a dataclass, :mod:`harmprune.specs`); the config's ``[experiments.<name>]`` tables choose which run
+and with what, and each table is checked against its spec before any experiment starts. :func:`run_config`
 validates the whole config first, runs the experiments in the order the config lists them, and writes
 ``summary.json`` and the report.
 """
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    params: frozenset[str]
+    params: type  # the dataclass of its parameters; ``run`` gets an instance
     run: Callable[..., dict[str, Any]]
     description: str
 
@@ -29,9 +30,9 @@ _REGISTRY: dict[str, Experiment] = {}
 EXPERIMENT_MODULES = ("compression", "controls", "cross_category", "dissociation", "emergent_misalignment")
 
 
-def register_experiment(name: str, params: set[str], description: str = ""):
+def register_experiment(name: str, params: type, description: str = ""):
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        _REGISTRY[name] = Experiment(name, frozenset(params), fn, description or (fn.__doc__ or "").strip())
+        _REGISTRY[name] = Experiment(name, params, fn, description or (fn.__doc__ or "").strip())
         return fn
 
     return deco
@@ -48,12 +49,10 @@ def experiments() -> dict[str, Experiment]:
 
 
 def load_checked_config(path: str | Path):
-    """Load a config and validate it against the registered experiments and evaluation kinds."""
+    """Load a config and validate it against the registered experiments, evaluation kinds and judges."""
     from harmprune.experiments.config import load_config
-    from harmprune.experiments.evaluations import evaluation_kinds
 
-    return load_config(path, known_evaluations=evaluation_kinds(),
-                       known_experiments={n: set(e.params) for n, e in experiments().items()})
+    return load_config(path)
 
 
 def run_config(path: str | Path, out_dir: str | Path | None = None, executor: str = "local",

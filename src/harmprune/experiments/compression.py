@@ -10,6 +10,7 @@ keys, and the utility budget does not constrain the choice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,18 +18,32 @@ import torch
 from harmprune.experiments import register_experiment
 from harmprune.experiments.executors import StageCall
 from harmprune.experiments.runner import Runner
+from harmprune.specs import param
 from harmprune.stats import rank_auroc, relative_reduction
 
-PARAMS = {"models", "q", "p", "harm_evaluation", "harm_metric", "utility_evaluation", "utility_metric",
-          "utility_scale", "evaluations", "max_utility_drop", "target_harm_reduction", "separability_q"}
+
+@dataclass(frozen=True)
+class CompressionParams:
+    models: list[str] = param([], ref="model")  # default: every model
+    q: list[float] = param([], at_least=0, at_most=1)  # default: selection.q
+    p: list[float] = param([], at_least=0, at_most=1)  # default: selection.p
+    harm_evaluation: str = param("harm", ref="evaluation")
+    harm_metric: str = param("harmfulness", metric_of="harm_evaluation")
+    utility_evaluation: str | None = param(None, ref="evaluation")
+    utility_metric: str = param("accuracy", metric_of="utility_evaluation")
+    utility_scale: float = 100.0
+    evaluations: list[str] = param([], ref="evaluation")  # measured at every point too
+    max_utility_drop: float = 2.0
+    target_harm_reduction: float = param(0.5, at_most=1)
+    separability_q: float | None = param(None, at_least=0, at_most=1)  # default: the middle of the q grid
 
 
-@register_experiment("compression", PARAMS)
-def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
+@register_experiment("compression", CompressionParams)
+def run(runner: Runner, params: CompressionParams) -> dict[str, Any]:
     """Sweep q (and p) per model; report harm reduction, utility drop and the harm-compression fraction."""
-    models = params.get("models") or list(runner.config.models)
-    qs = sorted(params.get("q") or runner.config.selection["q"])
-    ps = sorted(params.get("p") or runner.config.selection["p"])
+    models = params.models or list(runner.config.models)
+    qs = sorted(params.q or runner.config.selection["q"])
+    ps = sorted(params.p or runner.config.selection["p"])
     per_model = {m: sweep_model(runner, m, qs, ps, params) for m in models}
     runner.results["compression"] = per_model
     headline = {}
@@ -42,15 +57,12 @@ def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
     return {"models": per_model, "headline": headline}
 
 
-def sweep_model(runner: Runner, model: str, qs: list[float], ps: list[float], params: dict[str, Any]) -> dict:
+def sweep_model(runner: Runner, model: str, qs: list[float], ps: list[float], params: CompressionParams) -> dict:
     from harmprune.selection import load_mask
 
-    harm_eval = params.get("harm_evaluation", "harm")
-    harm_metric = params.get("harm_metric", "harmfulness")
-    util_eval = params.get("utility_evaluation")
-    util_metric = params.get("utility_metric", "accuracy")
-    scale = float(params.get("utility_scale", 100.0))
-    extra = [e for e in params.get("evaluations", []) if e not in (harm_eval, util_eval)]
+    harm_eval, harm_metric = params.harm_evaluation, params.harm_metric
+    util_eval, util_metric, scale = params.utility_evaluation, params.utility_metric, params.utility_scale
+    extra = [e for e in params.evaluations if e not in (harm_eval, util_eval)]
     evals = list(dict.fromkeys([harm_eval] + ([util_eval] if util_eval else []) + extra))
 
     def measure(mask, condition: str, q=None, p=None) -> dict[str, dict[str, Any]]:
@@ -83,12 +95,12 @@ def sweep_model(runner: Runner, model: str, qs: list[float], ps: list[float], pa
             runner.store.record_metrics("compression", model, "harm-set", "summary",
                                         {k: v for k, v in point.items() if k not in ("q", "p", "mask")}, q=q, p=p)
             points.append(point)
-    max_drop = float(params.get("max_utility_drop", 2.0))
-    target = float(params.get("target_harm_reduction", 0.5))
+    max_drop, target = params.max_utility_drop, params.target_harm_reduction
+    sep_q = params.separability_q if params.separability_q is not None else qs[len(qs) // 2]
     result = {"baseline": {"harm": base_harm, "utility": base_util}, "points": points,
               "harm_compression_fraction": compression_fraction(points, target, max_drop),
               "operating_point": operating_point(points, target, max_drop),
-              "separability": separability(runner, model, float(params.get("separability_q", qs[len(qs) // 2])))}
+              "separability": separability(runner, model, sep_q)}
     return result
 
 

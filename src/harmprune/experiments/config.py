@@ -1,7 +1,9 @@
 """Experiment configuration: a TOML file, validated completely before any work starts.
 
 Every error names the offending key (``data.harmful.path``) and, for files, the path. Relative paths are
-resolved against the config file's directory first, then the current directory.
+resolved against the config file's directory first, then the current directory. Evaluations and experiments are
+checked against their kinds' typed specs (:mod:`harmprune.specs`): every value's type and range, every name they
+refer to, and each judge option against the judge chosen.
 
     name = "demo"
     seed = 0
@@ -48,8 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harmprune.errors import ConfigError
+from harmprune.errors import ConfigError, ModelError
 from harmprune.formatting import PROMPT_FORMATS
+from harmprune.specs import Context, parse, parse_table
 
 TOP_KEYS = {"name", "seed", "dtype", "device", "models", "data", "scoring", "selection", "evaluations",
             "experiments", "report"}
@@ -60,7 +63,6 @@ DATA_KEYS = {"path", "prompt_field", "response_field", "category_field", "catego
 # refusals dropped (harmprune.calibration). Each model gets its own answers; usable wherever scores are computed.
 SELF_GENERATED_KEYS = {"self_generated", "from", "prefix", "prefill_tokens", "prefill_from", "refusal_judge",
                        "max_new_tokens", "batch_size", "score_prefix"}
-SCORE_ONLY_DATA_KEYS = {"utility_data", "benign_task_data", "prune_data"}  # experiment keys only scored
 SCORING_KEYS = {"method", "harm_method", "utility_method", "format", "harm_format", "utility_format", "harm",
                 "utility", "max_length", "batch_size", "modules"}
 # The study's recipe (B-TAP): signed SNIP for the harm set, absolute SNIP for the utility set, both scored in the
@@ -71,6 +73,10 @@ SCORING_FORMATS = {*PROMPT_FORMATS, "model"}  # "model": the scored model's own 
 SELECTION_KEYS = {"q", "p", "granularity"}
 METHODS = {"signed-snip", "snip", "wanda", "magnitude"}
 GRANULARITIES = {"matrix", "row", "global"}
+DATA_TYPES = (("prompt_field", (str,), "a string"), ("response_field", (str,), "a string"),
+              ("category_field", (str,), "a string"), ("category", (str, list), "a string or a list"),
+              ("exclude_category", (str, list), "a string or a list"), ("seed", (int,), "an integer"),
+              ("skip_empty", (bool,), "true or false"), ("split", (str,), "a string"), ("exclude", (str,), "a string"))
 
 
 @dataclass
@@ -91,6 +97,17 @@ class DataSpec:
 
 
 @dataclass
+class Evaluation:
+    """A configured evaluation: its kind, its typed spec, and its table as given with paths resolved (what the
+    evaluation's cache key hashes, so adding a parameter with its default keeps old keys)."""
+
+    name: str
+    kind: str
+    spec: Any
+    table: dict[str, Any]
+
+
+@dataclass
 class Config:
     path: Path
     raw: dict[str, Any]
@@ -102,14 +119,13 @@ class Config:
     data: dict[str, DataSpec]
     scoring: dict[str, Any]
     selection: dict[str, Any]
-    evaluations: dict[str, dict[str, Any]]
-    experiments: dict[str, dict[str, Any]]
+    evaluations: dict[str, Evaluation]
+    experiments: dict[str, Any]  # name -> its params (an instance of the experiment's spec)
     report: dict[str, Any]
 
 
-def load_config(path: str | Path, known_evaluations: dict[str, set[str]] | None = None,
-                known_experiments: dict[str, set[str]] | None = None) -> Config:
-    """Parse and validate ``path``. ``known_*`` map registered kinds to their allowed parameter names."""
+def load_config(path: str | Path) -> Config:
+    """Parse and validate ``path`` against the registered evaluation kinds, experiments and judges."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
@@ -119,6 +135,12 @@ def load_config(path: str | Path, known_evaluations: dict[str, set[str]] | None 
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     where = str(path)
     _check_keys(raw, TOP_KEYS, "", where)
+    dtype = raw.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: dtype {dtype!r} must be float32, bfloat16 or float16")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{where}: seed {seed!r} must be an integer")
     base = path.parent
     models = {n: _model(n, t, base, where) for n, t in _table(raw, "models", where, required=True).items()}
     data = {n: _data(n, t, base, where) for n, t in _table(raw, "data", where).items()}
@@ -135,40 +157,52 @@ def load_config(path: str | Path, known_evaluations: dict[str, set[str]] | None 
             excluded = data[excluded].options.get("exclude")
     scoring = _scoring(_table(raw, "scoring", where), data, where)
     selection = _selection(_table(raw, "selection", where), where)
-    evaluations = {n: _evaluation(n, t, data, base, where, known_evaluations)
-                   for n, t in _table(raw, "evaluations", where).items()}
-    experiments = _table(raw, "experiments", where)
-    for name, params in experiments.items():
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}: experiments.{name} must be a table")
-        if known_experiments is not None:
-            if name not in known_experiments:
-                raise ConfigError(f"{where}: unknown experiment 'experiments.{name}' "
-                                  f"(known: {', '.join(sorted(known_experiments))})")
-            _check_keys(params, known_experiments[name], f"experiments.{name}.", where)
-        for key in ("models", "model"):
-            for m in _as_list(params.get(key)):
-                if m not in models:
-                    raise ConfigError(f"{where}: experiments.{name}.{key} names unknown model {m!r}")
-        for key in ("evaluations", "harm_evaluation", "utility_evaluation"):
-            for e in _as_list(params.get(key)):
-                if e not in evaluations:
-                    raise ConfigError(f"{where}: experiments.{name}.{key} names unknown evaluation {e!r}")
-        for key, value in params.items():
-            if key.endswith("data") and isinstance(value, str) and value not in data:
-                raise ConfigError(f"{where}: experiments.{name}.{key} names unknown data set {value!r}")
-            if (key.endswith("data") and isinstance(value, str) and is_self_generated(data[value])
-                    and key not in SCORE_ONLY_DATA_KEYS):
-                raise ConfigError(f"{where}: experiments.{name}.{key}: self-generated data set {value!r} can only be "
-                                  f"scored ({', '.join(sorted(SCORE_ONLY_DATA_KEYS))}, scoring.harm/utility)")
-    dtype = raw.get("dtype", "float32")
-    if not isinstance(dtype, str) or dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"{where}: dtype {dtype!r} must be float32, bfloat16 or float16")
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"{where}: seed {seed!r} must be an integer")
+    ctx = _context(where, base, models, data)
+    evaluations = {n: _evaluation(n, t, ctx) for n, t in _table(raw, "evaluations", where).items()}
+    _add_evaluations(ctx, evaluations)
+    experiments = {n: _experiment(n, t, ctx) for n, t in _table(raw, "experiments", where).items()}
     return Config(path, raw, str(raw.get("name", path.stem)), seed, dtype, raw.get("device"),
                   models, data, scoring, selection, evaluations, experiments, _table(raw, "report", where))
+
+
+def _context(where: str, base: Path, models: dict[str, ModelSpec], data: dict[str, DataSpec]) -> Context:
+    """What evaluation and experiment specs refer to: this config's models and data sets, the judges."""
+    from harmprune.judges import available_judges, judge_options
+
+    return Context(where, base, names={"model": set(models), "data": set(data), "judge": set(available_judges()),
+                                       "evaluation": set()},
+                   self_generated={n for n, s in data.items() if is_self_generated(s)},
+                   options_spec=lambda ref, name: judge_options(name) if ref == "judge" else None)
+
+
+def _add_evaluations(ctx: Context, evaluations: dict[str, Evaluation]) -> None:
+    """Let experiment specs name the evaluations, and their metrics be checked against each evaluation's kind."""
+    from harmprune.experiments.evaluations import KINDS
+
+    ctx.names = {**ctx.names, "evaluation": set(evaluations)}
+    ctx.metrics = lambda e: KINDS[evaluations[e].kind].metrics(evaluations[e].spec) if e in evaluations else None
+
+
+def _evaluation(name: str, t: Any, ctx: Context) -> Evaluation:
+    from harmprune.experiments.evaluations import KINDS
+
+    if not isinstance(t, dict) or "kind" not in t:
+        raise ConfigError(f"{ctx.where}: evaluations.{name} must be a table with a 'kind'")
+    kind = t["kind"]
+    if kind not in KINDS:
+        raise ConfigError(f"{ctx.where}: evaluations.{name}.kind {kind!r} is not one of {sorted(KINDS)}")
+    spec, table = parse_table(KINDS[kind].spec, {k: v for k, v in t.items() if k != "kind"},
+                              f"evaluations.{name}.", ctx)
+    return Evaluation(name, kind, spec, {"kind": kind, **table})
+
+
+def _experiment(name: str, t: Any, ctx: Context) -> Any:
+    from harmprune.experiments import experiments
+
+    known = experiments()
+    if name not in known:
+        raise ConfigError(f"{ctx.where}: unknown experiment 'experiments.{name}' (known: {', '.join(sorted(known))})")
+    return parse(known[name].params, t, f"experiments.{name}.", ctx)
 
 
 def _model(name: str, t: Any, base: Path, where: str) -> ModelSpec:
@@ -180,8 +214,29 @@ def _model(name: str, t: Any, base: Path, where: str) -> ModelSpec:
     fmt = t.get("format", "chat")
     if fmt not in PROMPT_FORMATS:
         raise ConfigError(f"{where}: models.{name}.format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}")
+    if not isinstance(t["path"], str):
+        raise ConfigError(f"{where}: models.{name}.path {t['path']!r} must be a string")
     path = _maybe_local(t["path"], base)
-    return ModelSpec(name, path, fmt, t.get("dtype"), bool(t.get("aligned", True)), t.get("label"))
+    _check_model_path(name, t["path"], path, base, where)
+    if t.get("dtype") not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: models.{name}.dtype {t['dtype']!r} must be float32, bfloat16 or float16")
+    if not isinstance(t.get("aligned", True), bool):
+        raise ConfigError(f"{where}: models.{name}.aligned {t['aligned']!r} must be true or false")
+    return ModelSpec(name, path, fmt, t.get("dtype"), t.get("aligned", True), t.get("label"))
+
+
+def _check_model_path(name: str, given: str, path: str, base: Path, where: str) -> None:
+    """An alias, a model directory or file, or a hub id; nothing is fetched."""
+    from harmprune.models import check_model_spec
+
+    first = given.split("/")[0]
+    try:
+        check_model_spec(path)
+        if path == given and given.count("/") == 1 and (base / first).is_dir():
+            raise ModelError(f"{given}: no such model directory (the folder {first}/ exists beside the config, so "
+                             "this is not taken as a hub id)")
+    except ModelError as e:
+        raise ConfigError(f"{where}: models.{name}.path: {e}") from None
 
 
 def _data(name: str, t: Any, base: Path, where: str) -> DataSpec:
@@ -198,8 +253,11 @@ def _data(name: str, t: Any, base: Path, where: str) -> DataSpec:
     if not Path(path).exists() and not _looks_like_hub_id(t["path"]):
         raise ConfigError(f"{where}: data.{name}.path: no such file {t['path']!r}")
     n = t.get("n_examples")
-    if n is not None and (not isinstance(n, int) or n <= 0):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
         raise ConfigError(f"{where}: data.{name}.n_examples must be a positive integer, got {n!r}")
+    for key, types, label in DATA_TYPES:
+        if key in t and not (isinstance(t[key], types) and not (bool not in types and isinstance(t[key], bool))):
+            raise ConfigError(f"{where}: data.{name}.{key} {t[key]!r} must be {label}")
     return DataSpec(name, path, {k: v for k, v in t.items() if k != "path"})
 
 
@@ -260,6 +318,13 @@ def _scoring(t: dict[str, Any], data: dict[str, DataSpec], where: str) -> dict[s
     """The scoring table with every role's method and format resolved (``harm_method``, ``utility_format``, ...)."""
     _check_keys(t, SCORING_KEYS, "scoring.", where)
     out = {"max_length": 256, "batch_size": 4, "modules": None, **t}
+    for key, least in (("max_length", 2), ("batch_size", 1)):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ConfigError(f"{where}: scoring.{key} {v!r} must be an integer of at least {least}")
+    if out["modules"] is not None and not (isinstance(out["modules"], list)
+                                           and all(isinstance(m, str) for m in out["modules"])):
+        raise ConfigError(f"{where}: scoring.modules {out['modules']!r} must be a list of strings")
     for kind, allowed in (("method", METHODS), ("format", SCORING_FORMATS)):
         shared = t.get(kind)
         if shared is not None and (not isinstance(shared, str) or shared not in allowed):
@@ -293,36 +358,6 @@ def _selection(t: dict[str, Any], where: str) -> dict[str, Any]:
     if out["granularity"] not in GRANULARITIES:
         raise ConfigError(f"{where}: selection.granularity {out['granularity']!r} is not one of {sorted(GRANULARITIES)}")
     return out
-
-
-def _evaluation(name: str, t: Any, data: dict[str, DataSpec], base: Path, where: str,
-                known: dict[str, set[str]] | None) -> dict[str, Any]:
-    if not isinstance(t, dict) or "kind" not in t:
-        raise ConfigError(f"{where}: evaluations.{name} must be a table with a 'kind'")
-    kind = t["kind"]
-    if known is not None:
-        if kind not in known:
-            raise ConfigError(f"{where}: evaluations.{name}.kind {kind!r} is not one of {sorted(known)}")
-        _check_keys(t, known[kind] | {"kind"}, f"evaluations.{name}.", where)
-    for key, value in t.items():
-        if key in ("batch_size", "max_batch_tokens") and (isinstance(value, bool) or not isinstance(value, int)
-                                                          or value < 1):
-            raise ConfigError(f"{where}: evaluations.{name}.{key} must be a positive integer, got {value!r}")
-        if key.endswith("data") or key in ("prefill_from", "harmful", "benign"):
-            for v in _as_list(value):
-                if v not in data:
-                    raise ConfigError(f"{where}: evaluations.{name}.{key} names unknown data set {v!r}")
-                if is_self_generated(data[v]):
-                    raise ConfigError(f"{where}: evaluations.{name}.{key}: self-generated data set {v!r} can only be "
-                                      "scored, not evaluated")
-        if key in ("mmlu", "ppl_file", "judge_prompt_file", "judge_prompts_file"):
-            resolved = _maybe_local(value, base)
-            if not Path(resolved).exists():
-                raise ConfigError(f"{where}: evaluations.{name}.{key}: no such path {value!r}")
-            t = {**t, key: resolved}
-        if key in ("judge_model", "judge_base_model", "judge_adapter") and isinstance(value, str):
-            t = {**t, key: _maybe_local(value, base)}  # a local grader next to the config; else an alias or hub id
-    return dict(t)
 
 
 def _table(raw: dict[str, Any], key: str, where: str, required: bool = False) -> dict[str, Any]:

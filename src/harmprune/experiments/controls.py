@@ -6,42 +6,50 @@ uniformly random weights, magnitude-matched random weights, and the top weights 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from harmprune.experiments import register_experiment
 from harmprune.experiments.executors import StageCall
-from harmprune.experiments.runner import Runner
+from harmprune.experiments.runner import CONTROL_KINDS, Runner
+from harmprune.specs import Invalid, param
 from harmprune.stats import mean, relative_reduction
 
-PARAMS = {"models", "q", "p", "kinds", "seeds", "benign_task_data", "harm_evaluation", "harm_metric",
-          "utility_evaluation", "utility_metric", "utility_scale"}
-KINDS = ("random", "magnitude-matched", "benign-task")
+
+@dataclass(frozen=True)
+class ControlsParams:
+    models: list[str] = param([], ref="model")  # default: the first model
+    q: float | None = param(None, at_least=0, at_most=1)  # default: the compression operating point, else the grid's
+    p: float | None = param(None, at_least=0, at_most=1)
+    kinds: list[str] = param(["random", "magnitude-matched"], choices=CONTROL_KINDS)
+    seeds: list[int] = param([0, 1, 2])
+    benign_task_data: str | None = param(None, ref="data", scored=True)
+    harm_evaluation: str = param("harm", ref="evaluation")
+    harm_metric: str = param("harmfulness", metric_of="harm_evaluation")
+    utility_evaluation: str | None = param(None, ref="evaluation")
+    utility_metric: str = param("accuracy", metric_of="utility_evaluation")
+    utility_scale: float = 100.0
+
+    def check(self) -> None:
+        if "benign-task" in self.kinds and not self.benign_task_data:
+            raise Invalid("benign_task_data", "the benign-task control needs a data set to score (benign_task_data)")
 
 
-@register_experiment("controls", PARAMS)
-def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
+@register_experiment("controls", ControlsParams)
+def run(runner: Runner, params: ControlsParams) -> dict[str, Any]:
     """Harm set vs random, magnitude-matched and benign-task masks of equal counts."""
-    models = params.get("models") or [next(iter(runner.config.models))]
+    models = params.models or [next(iter(runner.config.models))]
     per_model = {m: control_model(runner, m, params) for m in models}
     first = per_model[models[0]]
     headline = {"random_control_harm_reduction": first["conditions"].get("random", {}).get("harm_reduction")}
     return {"models": per_model, "headline": headline}
 
 
-def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, Any]:
+def control_model(runner: Runner, model: str, params: ControlsParams) -> dict[str, Any]:
     q, p = _operating_point(runner, model, params)
-    harm_eval = params.get("harm_evaluation", "harm")
-    harm_metric = params.get("harm_metric", "harmfulness")
-    util_eval = params.get("utility_evaluation")
-    util_metric = params.get("utility_metric", "accuracy")
-    scale = float(params.get("utility_scale", 100.0))
-    kinds = params.get("kinds", ["random", "magnitude-matched"])
-    for k in kinds:
-        if k not in KINDS:
-            from harmprune.errors import ConfigError
-
-            raise ConfigError(f"experiments.controls.kinds: unknown control {k!r} (known: {', '.join(KINDS)})")
-    seeds = params.get("seeds", [0, 1, 2])
+    harm_eval, harm_metric = params.harm_evaluation, params.harm_metric
+    util_eval, util_metric, scale = params.utility_evaluation, params.utility_metric, params.utility_scale
+    kinds, seeds = params.kinds, params.seeds
     evals = list(dict.fromkeys([harm_eval] + ([util_eval] if util_eval else [])))
 
     def measure(mask, condition: str, seed=None) -> dict[str, float]:
@@ -56,9 +64,9 @@ def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[st
         return out
 
     harm_mask = runner.mask(model, q, p)
-    if "benign-task" in kinds and params.get("benign_task_data"):
-        runner.prefetch([StageCall.of("scores", model, params.get("benign_task_data"), "harm")])
-    control_masks = {(kind, seed): runner.control(harm_mask, kind, seed, model, params.get("benign_task_data"))
+    if "benign-task" in kinds:
+        runner.prefetch([StageCall.of("scores", model, params.benign_task_data, "harm")])
+    control_masks = {(kind, seed): runner.control(harm_mask, kind, seed, model, params.benign_task_data)
                      for kind in kinds for seed in ([0] if kind == "benign-task" else seeds)}
     runner.prefetch([StageCall.of("evaluate", model, e, m)
                      for m in [None, harm_mask, *control_masks.values()] for e in evals])
@@ -79,10 +87,10 @@ def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[st
     return {"q": q, "p": p, "baseline": base, "conditions": conditions}
 
 
-def _operating_point(runner: Runner, model: str, params: dict[str, Any]) -> tuple[float, float]:
+def _operating_point(runner: Runner, model: str, params: Any) -> tuple[float, float]:
     """(q, p) from the params, else the compression experiment's operating point, else the grid's first point."""
-    if "q" in params:
-        return float(params["q"]), float(params.get("p", runner.config.selection["p"][0]))
+    if params.q is not None:
+        return params.q, params.p if params.p is not None else runner.config.selection["p"][0]
     op = runner.results.get("compression", {}).get(model, {}).get("operating_point")
     if op:
         return op["q"], op["p"]

@@ -18,25 +18,45 @@ B, so transfer cannot come from examples the two categories share. Categories ar
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from harmprune.data import Record
 from harmprune.experiments import register_experiment
 from harmprune.experiments.executors import StageCall
 from harmprune.experiments.runner import Runner
+from harmprune.specs import param
 from harmprune.stats import mean, relative_reduction
 
-PARAMS = {"models", "categories", "harm_data", "utility_data", "eval_data", "harm_evaluation", "harm_metric", "q",
-          "p", "also_about_field", "also_about_keywords", "control_seeds", "evaluate_intersection", "response_model",
-          "response_prefix", "response_max_new_tokens", "utility_evaluation", "utility_metric"}
 SHARED_RATIO, SPECIFIC_RATIO = 0.75, 0.25
 
 
-@register_experiment("cross_category", PARAMS)
-def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CrossCategoryParams:
+    models: list[str] = param([], ref="model")  # default: the first model
+    categories: list[str] = param([])  # default: every category of the harm data
+    harm_data: str | None = param(None, ref="data")  # default: scoring.harm
+    utility_data: str | None = param(None, ref="data", scored=True)  # default: scoring.utility
+    eval_data: str | None = param(None, ref="data")  # default: the harm evaluation's data
+    harm_evaluation: str = param("harm", ref="evaluation")
+    harm_metric: str = param("harmfulness", metric_of="harm_evaluation")
+    q: float | None = param(None, at_least=0, at_most=1)
+    p: float | None = param(None, at_least=0, at_most=1)
+    also_about_field: str | None = None
+    also_about_keywords: dict[str, list[str]] = param({})
+    control_seeds: list[int] = param([])
+    evaluate_intersection: bool = True
+    response_model: str | None = param(None, ref="model")
+    response_prefix: str = ""
+    response_max_new_tokens: int = param(128, at_least=1)
+    utility_evaluation: str | None = param(None, ref="evaluation")
+    utility_metric: str = param("accuracy", metric_of="utility_evaluation")
+
+
+@register_experiment("cross_category", CrossCategoryParams)
+def run(runner: Runner, params: CrossCategoryParams) -> dict[str, Any]:
     """Select with one category, evaluate on every category: transfer matrix, overlaps, shared core."""
-    runner.check_names("cross_category", params)
-    models = params.get("models") or [next(iter(runner.config.models))]
+    models = params.models or [next(iter(runner.config.models))]
     per_model = {m: cross_model(runner, m, params) for m in models}
     first = per_model[models[0]]
     headline = {"cross_category_mean_offdiag_harm_reduction": first["mean_offdiag_harm_reduction"],
@@ -44,19 +64,18 @@ def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
     return {"models": per_model, "headline": headline}
 
 
-def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, Any]:
+def cross_model(runner: Runner, model: str, params: CrossCategoryParams) -> dict[str, Any]:
     from harmprune.experiments.controls import _operating_point
     from harmprune.selection import load_mask
 
     q, p = _operating_point(runner, model, params)
-    harm_data = params.get("harm_data") or runner.config.scoring["harm"]
-    utility_data = params.get("utility_data", runner.config.scoring.get("utility"))
-    harm_eval = params.get("harm_evaluation", "harm")
-    metric = params.get("harm_metric", "harmfulness")
-    eval_data = params.get("eval_data") or runner.config.evaluations[harm_eval]["data"]
-    if params.get("response_model"):  # prompt-only sets: answers of another model, forced to comply by a prefix
+    harm_data = params.harm_data or runner.config.scoring["harm"]
+    utility_data = params.utility_data if params.utility_data is not None else runner.config.scoring.get("utility")
+    harm_eval, metric = params.harm_evaluation, params.harm_metric
+    eval_data = params.eval_data or runner.config.evaluations[harm_eval].spec.data
+    if params.response_model:  # prompt-only sets: answers of another model, forced to comply by a prefix
         harm_data, eval_data = (_answered(runner, params, d) for d in (harm_data, eval_data))
-    cats = list(params.get("categories") or sorted({r.category for r in runner.records(harm_data) if r.category}))
+    cats = list(params.categories or sorted({r.category for r in runner.records(harm_data) if r.category}))
     evals = {b: runner.derived_evaluation(harm_eval, data=runner.records_subset(eval_data, b)) for b in cats}
 
     def harm(b: str, mask, condition: str, seed: int | None = None) -> float:
@@ -86,15 +105,14 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
         "selected": {a: m.count() for a, m in loaded.items()}, **overlap,
         **_summary(transfer, cats)}
     result["shared_core"] = shared_core(runner, model, masks, cats, harm, base, params, result.pop("intersection"))
-    if params.get("control_seeds"):
-        result["random_control"] = random_transfer(runner, model, masks, harm, base, params["control_seeds"],
-                                                   evals)
+    if params.control_seeds:
+        result["random_control"] = random_transfer(runner, model, masks, harm, base, params.control_seeds, evals)
         result["random_control_mean_harm_reduction"] = mean(
             [v for row in result["random_control"].values() for v in row.values()])
-    if params.get("utility_evaluation"):
+    if params.utility_evaluation:
         core = {"intersection": result["shared_core"]["mask"]} if result["shared_core"] else {}
         result["utility"] = utility_of(runner, model, params, {"unpruned": None, **masks, **core}, q, p)
-        result["utility_metric"] = f"{params['utility_evaluation']}/{params.get('utility_metric', 'accuracy')}"
+        result["utility_metric"] = f"{params.utility_evaluation}/{params.utility_metric}"
     result["reading"] = reading(result)
     summary = {k: result[k] for k in ("mean_diag_harm_reduction", "mean_offdiag_harm_reduction", "mean_jaccard",
                                       "chance_jaccard")}
@@ -102,17 +120,17 @@ def cross_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str,
     return result
 
 
-def calibration_data(runner: Runner, calib: str, other: str, params: dict[str, Any]) -> str:
+def calibration_data(runner: Runner, calib: str, other: str, params: CrossCategoryParams) -> str:
     """Category A's calibration set without the examples also about category ``other`` (the exclusion option)."""
     records = runner.records(calib)
     kept = not_also_about(records, other, params)
     return runner.derived_data(f"{calib}-about:{other}", kept) if len(kept) < len(records) else calib
 
 
-def utility_of(runner: Runner, model: str, params: dict[str, Any], masks: dict[str, Any], q: float,
+def utility_of(runner: Runner, model: str, params: CrossCategoryParams, masks: dict[str, Any], q: float,
                p: float) -> dict[str, float]:
     """The utility metric unpruned and with each category's set pruned: is a transfer only general damage?"""
-    evaluation, metric = params["utility_evaluation"], params.get("utility_metric", "accuracy")
+    evaluation, metric = params.utility_evaluation, params.utility_metric
     runner.prefetch([StageCall.of("evaluate", model, evaluation, m) for m in masks.values()])
     out = {}
     for name, mask in masks.items():
@@ -123,9 +141,9 @@ def utility_of(runner: Runner, model: str, params: dict[str, Any], masks: dict[s
     return out
 
 
-def _answered(runner: Runner, params: dict[str, Any], data: str) -> str:
-    return runner.generated_data(params["response_model"], data, prefix=params.get("response_prefix", ""),
-                                 max_new_tokens=int(params.get("response_max_new_tokens", 128)))
+def _answered(runner: Runner, params: CrossCategoryParams, data: str) -> str:
+    return runner.generated_data(params.response_model, data, prefix=params.response_prefix,
+                                 max_new_tokens=params.response_max_new_tokens)
 
 
 def random_transfer(runner: Runner, model: str, masks: dict[str, Any], harm, base: dict[str, float],
@@ -138,10 +156,10 @@ def random_transfer(runner: Runner, model: str, masks: dict[str, Any], harm, bas
                 for b in base} for a in masks}
 
 
-def not_also_about(records: list[Record], other: str, params: dict[str, Any]) -> list[Record]:
+def not_also_about(records: list[Record], other: str, params: CrossCategoryParams) -> list[Record]:
     """The records that are not also about category ``other`` by the exclusion field or keywords (if given)."""
-    field = params.get("also_about_field")
-    words = (params.get("also_about_keywords") or {}).get(other, [])
+    field = params.also_about_field
+    words = params.also_about_keywords.get(other, [])
     pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE) if words else None
 
     def about(r: Record) -> bool:
@@ -172,11 +190,11 @@ def overlaps(masks: dict[str, Any]) -> dict[str, Any]:
 
 
 def shared_core(runner: Runner, model: str, masks: dict[str, Any], cats: list[str], harm, base: dict[str, float],
-                params: dict[str, Any], common) -> dict[str, Any] | None:
+                params: CrossCategoryParams, common) -> dict[str, Any] | None:
     """Harm reduction per category when only the weights every category's set shares (``common``) are pruned."""
     from harmprune.io import sha256_file
 
-    if not params.get("evaluate_intersection", True) or common.count() == 0:
+    if not params.evaluate_intersection or common.count() == 0:
         return None
     path = runner.saved_mask(common, {"intersection_of": sorted(sha256_file(m) for m in masks.values())})
     red = {b: relative_reduction(base[b], harm(b, path, "intersection")) for b in cats}

@@ -20,25 +20,49 @@ Refusal data: a data set of prompt → refusal pairs; a prompt whose response is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from harmprune.experiments import register_experiment
 from harmprune.experiments.runner import Runner
+from harmprune.specs import param
 from harmprune.stats import relative_reduction
 
-PARAMS = {"models", "q", "p", "harm_evaluation", "harm_metric", "plain_harm_evaluation", "plain_harm_metric",
-          "likelihood_evaluation", "likelihood_metric", "recognition_evaluation", "utility_evaluation",
-          "utility_metric", "refusal_data", "refusal_q", "refusal_p", "utility_data", "recovery_data",
-          "recovery_steps", "recovery_lr", "recovery_rank", "recovery_batch_size", "recovery_max_length",
-          "recovery_keep_pruned", "recovery_seeds"}
 RECOGNITION_METRICS = ("detection_accuracy", "detection_auroc", "explanation_rate", "refusal_rate")
 
 
-@register_experiment("dissociation", PARAMS)
-def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DissociationParams:
+    refusal_data: str = param(ref="data")  # prompts, or prompt -> refusal pairs
+    models: list[str] = param([], ref="model")  # default: the first model
+    q: float | None = param(None, at_least=0, at_most=1)
+    p: float | None = param(None, at_least=0, at_most=1)
+    harm_evaluation: str = param("harm", ref="evaluation")
+    harm_metric: str = param("harmfulness", metric_of="harm_evaluation")
+    plain_harm_evaluation: str | None = param(None, ref="evaluation")
+    plain_harm_metric: str = param("harmfulness", metric_of="plain_harm_evaluation")
+    likelihood_evaluation: str | None = param(None, ref="evaluation")
+    likelihood_metric: str = param("nll", metric_of="likelihood_evaluation")
+    recognition_evaluation: str = param("recognition", ref="evaluation")
+    utility_evaluation: str | None = param(None, ref="evaluation")
+    utility_metric: str = param("accuracy", metric_of="utility_evaluation")
+    refusal_q: float | None = param(None, at_least=0, at_most=1)  # default: q
+    refusal_p: float | None = param(None, at_least=0, at_most=1)  # default: p
+    utility_data: str | None = param(None, ref="data", scored=True)  # default: scoring.utility
+    recovery_data: str | None = param(None, ref="data")  # default: scoring.harm
+    recovery_steps: int = param(40, at_least=1)
+    recovery_lr: float = param(1e-3, at_least=0)
+    recovery_rank: int = param(8, at_least=1)
+    recovery_batch_size: int = param(8, at_least=1)
+    recovery_max_length: int = param(256, at_least=2)
+    recovery_keep_pruned: bool = True
+    recovery_seeds: list[int] = param([0])  # [] skips the recovery fine-tunes
+
+
+@register_experiment("dissociation", DissociationParams)
+def run(runner: Runner, params: DissociationParams) -> dict[str, Any]:
     """Harm set vs refusal set: what each removes; and how much a short fine-tune brings back."""
-    runner.check_names("dissociation", params)
-    models = params.get("models") or [next(iter(runner.config.models))]
+    models = params.models or [next(iter(runner.config.models))]
     per_model = {m: dissociate_model(runner, m, params) for m in models}
     c = per_model[models[0]]["conditions"]
     headline = {"detection_accuracy_before": c["unpruned"].get("detection_accuracy"),
@@ -49,24 +73,24 @@ def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
     return {"models": per_model, "headline": headline}
 
 
-def evaluation_plan(params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+def evaluation_plan(params: DissociationParams) -> dict[str, tuple[str, str]]:
     """Short metric name -> (evaluation, metric in that evaluation's output), for the evaluations configured."""
-    plan = {"harm": (params.get("harm_evaluation", "harm"), params.get("harm_metric", "harmfulness"))}
-    if params.get("plain_harm_evaluation"):
-        plan["plain_harm"] = (params["plain_harm_evaluation"], params.get("plain_harm_metric", "harmfulness"))
-    if params.get("likelihood_evaluation"):
-        plan["harmful_nll"] = (params["likelihood_evaluation"], params.get("likelihood_metric", "nll"))
-    if params.get("utility_evaluation"):
-        plan["utility"] = (params["utility_evaluation"], params.get("utility_metric", "accuracy"))
+    plan = {"harm": (params.harm_evaluation, params.harm_metric)}
+    if params.plain_harm_evaluation:
+        plan["plain_harm"] = (params.plain_harm_evaluation, params.plain_harm_metric)
+    if params.likelihood_evaluation:
+        plan["harmful_nll"] = (params.likelihood_evaluation, params.likelihood_metric)
+    if params.utility_evaluation:
+        plan["utility"] = (params.utility_evaluation, params.utility_metric)
     return plan
 
 
-def dissociate_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, Any]:
+def dissociate_model(runner: Runner, model: str, params: DissociationParams) -> dict[str, Any]:
     from harmprune.experiments.controls import _operating_point
 
     q, p = _operating_point(runner, model, params)
     plan = evaluation_plan(params)
-    recognition = params.get("recognition_evaluation", "recognition")
+    recognition = params.recognition_evaluation
 
     def measure(model_name: str, mask, condition: str, with_recognition: bool = True, seed=None) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -81,35 +105,31 @@ def dissociate_model(runner: Runner, model: str, params: dict[str, Any]) -> dict
             out.update({k: float(results[recognition][k]) for k in RECOGNITION_METRICS if k in results[recognition]})
         return out
 
-    harm_mask = runner.mask(model, q, p, utility_data=params.get("utility_data"))
-    rq, rp = float(params.get("refusal_q", q)), float(params.get("refusal_p", p))
-    refusal_mask = runner.mask(model, rq, rp, harm_data=refusal_data(runner, params),
-                               utility_data=params.get("utility_data"))
+    harm_mask = runner.mask(model, q, p, utility_data=params.utility_data)
+    rq = params.refusal_q if params.refusal_q is not None else q
+    rp = params.refusal_p if params.refusal_p is not None else p
+    refusal_mask = runner.mask(model, rq, rp, harm_data=refusal_data(runner, params.refusal_data),
+                               utility_data=params.utility_data)
     conditions = {"unpruned": measure(model, None, "unpruned"),
                   "harm-set": measure(model, harm_mask, "harm-set"),
                   "refusal-set": measure(model, refusal_mask, "refusal-set")}
     result: dict[str, Any] = {"q": q, "p": p, "refusal_q": rq, "refusal_p": rp, "conditions": conditions,
                               "changes": changes(conditions)}
-    seeds = params.get("recovery_seeds", [0])
-    if seeds:
-        result["recovery"] = recovery(runner, model, harm_mask, params, seeds, measure, conditions)
+    if params.recovery_seeds:
+        result["recovery"] = recovery(runner, model, harm_mask, params, params.recovery_seeds, measure, conditions)
     runner.store.record_metrics("dissociation", model, "summary", "summary",
                                 {f"{c}/{k}": v for c, ch in result["changes"].items() for k, v in ch.items()}, q=q, p=p)
     return result
 
 
-def refusal_data(runner: Runner, params: dict[str, Any]) -> str:
+def refusal_data(runner: Runner, name: str) -> str:
     """Prompt -> refusal pairs: the data set's responses where the ``refusal`` judge reads them as refusals, else
     (no response, or a compliant one such as AdvBench's "Sure, here is" targets) a generic refusal."""
     from harmprune.attacks import refusal_pairs
     from harmprune.data import Record
-    from harmprune.errors import ConfigError
     from harmprune.judges import JudgeItem
     from harmprune.judges.refusal import RefusalJudge
 
-    name = params.get("refusal_data")
-    if not name:
-        raise ConfigError("experiments.dissociation.refusal_data is needed (prompts, or prompt -> refusal pairs)")
     records = runner.records(name)
     verdicts = RefusalJudge().judge_batch([JudgeItem(r.prompt, r.response or "") for r in records])
     if all(v.refused and r.response for r, v in zip(records, verdicts)):
@@ -135,14 +155,13 @@ def changes(conditions: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
     return out
 
 
-def recovery(runner: Runner, model: str, harm_mask, params: dict[str, Any], seeds: list[int], measure,
+def recovery(runner: Runner, model: str, harm_mask, params: DissociationParams, seeds: list[int], measure,
              conditions: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Fine-tune the pruned and the unpruned model on harmful pairs; how much harmful generation returns."""
-    data = params.get("recovery_data") or runner.config.scoring["harm"]
-    hp = {"steps": int(params.get("recovery_steps", 40)), "lr": float(params.get("recovery_lr", 1e-3)),
-          "rank": int(params.get("recovery_rank", 8)), "batch_size": int(params.get("recovery_batch_size", 8)),
-          "max_length": int(params.get("recovery_max_length", 256))}
-    keep = bool(params.get("recovery_keep_pruned", True))
+    data = params.recovery_data or runner.config.scoring["harm"]
+    hp = {"steps": params.recovery_steps, "lr": params.recovery_lr, "rank": params.recovery_rank,
+          "batch_size": params.recovery_batch_size, "max_length": params.recovery_max_length}
+    keep = params.recovery_keep_pruned
     runs: dict[str, list[dict[str, float]]] = {"ft-pruned": [], "ft-unpruned": []}
     for seed in seeds:
         pruned_ft = runner.finetuned(model, data, mask=harm_mask, keep_pruned=keep, seed=seed, **hp)

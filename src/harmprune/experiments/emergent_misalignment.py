@@ -20,26 +20,55 @@ reading that needs no grader model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from harmprune.experiments import register_experiment
 from harmprune.experiments.runner import Runner
+from harmprune.specs import Invalid, param
 from harmprune.stats import mean, wilson_interval
 
-PARAMS = {"model", "narrow_data", "narrow_category", "prune_data", "utility_data", "q", "p", "em_evaluation",
-          "in_domain_evaluation", "in_domain_metric", "seeds", "self_generated", "generation_max_new_tokens",
-          "generation_prefix", "generation_prefill_tokens", "generation_prefill_from", "generation_refusal_judge",
-          "generation_score_prefix",
-          "finetune_steps", "finetune_lr", "finetune_rank", "finetune_batch_size", "finetune_max_length",
-          "keep_pruned", "broad_evaluations", "broad_metric"}
 FT_CONDITIONS = ("ft-unpruned", "ft-pruned", "ft-random")
 
 
-@register_experiment("emergent_misalignment", PARAMS)
-def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EMParams:
+    narrow_data: str = param(ref="data")
+    em_evaluation: str = param(ref="evaluation")
+    model: str | None = param(None, ref="model")  # default: the first model
+    narrow_category: str | None = None
+    prune_data: str | None = param(None, ref="data", scored=True)  # default: the narrow data
+    utility_data: str | None = param(None, ref="data", scored=True)  # default: scoring.utility
+    q: float | None = param(None, at_least=0, at_most=1)
+    p: float | None = param(None, at_least=0, at_most=1)
+    in_domain_evaluation: str | None = param(None, ref="evaluation")
+    in_domain_metric: str = param("harmfulness", metric_of="in_domain_evaluation")
+    seeds: list[int] = param([0, 1])
+    self_generated: bool = False
+    generation_max_new_tokens: int = param(128, at_least=1)
+    generation_prefix: str = ""
+    generation_prefill_tokens: int = param(0, at_least=0)
+    generation_prefill_from: str | None = param(None, ref="data")
+    generation_refusal_judge: str | None = param(None, ref="judge")
+    generation_score_prefix: bool | None = None  # default: scored unless a prefix is forced
+    finetune_steps: int = param(40, at_least=1)
+    finetune_lr: float = param(1e-3, at_least=0)
+    finetune_rank: int = param(8, at_least=1)
+    finetune_batch_size: int = param(8, at_least=1)
+    finetune_max_length: int = param(256, at_least=2)
+    keep_pruned: bool = True
+    broad_evaluations: list[str] = param([], ref="evaluation")
+    broad_metric: str = param("token_likelihood", metric_of="broad_evaluations")
+
+    def check(self) -> None:
+        if self.generation_prefix and self.generation_prefill_tokens:
+            raise Invalid("generation_prefix", "give generation_prefix or generation_prefill_tokens, not both")
+
+
+@register_experiment("emergent_misalignment", EMParams)
+def run(runner: Runner, params: EMParams) -> dict[str, Any]:
     """Narrow fine-tune with and without pruning the harm set first; broad misalignment and in-domain learning."""
-    runner.check_names("emergent_misalignment", params)
-    model = params.get("model") or next(iter(runner.config.models))
+    model = params.model or next(iter(runner.config.models))
     result = em_model(runner, model, params)
     c = result["conditions"]
     headline = {"em_misaligned_rate_unpruned": c["ft-unpruned"]["misaligned_rate"],
@@ -48,41 +77,35 @@ def run(runner: Runner, params: dict[str, Any]) -> dict[str, Any]:
     return {"models": {model: result}, "headline": headline}
 
 
-def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, Any]:
+def em_model(runner: Runner, model: str, params: EMParams) -> dict[str, Any]:
     from harmprune.errors import ConfigError
     from harmprune.experiments.controls import _operating_point
 
-    for key in ("narrow_data", "em_evaluation"):
-        if not params.get(key):
-            raise ConfigError(f"experiments.emergent_misalignment.{key} is needed")
-    prune_spec = runner.config.data.get(params.get("prune_data") or "")
-    if params.get("self_generated") and prune_spec is not None and prune_spec.options.get("self_generated"):
+    prune_spec = runner.config.data.get(params.prune_data or "")
+    if params.self_generated and prune_spec is not None and prune_spec.options.get("self_generated"):
         raise ConfigError("experiments.emergent_misalignment.prune_data: with self_generated = true it names the "
                           "prompts the fine-tuned model answers, not a self-generated data set")
-    _check_generation(params)
     q, p = _operating_point(runner, model, params)
-    cat = params.get("narrow_category")
-    narrow = runner.records_subset(params["narrow_data"], cat)
-    em_eval = _outside(runner, params["em_evaluation"], cat)
-    in_eval = _inside(runner, params.get("in_domain_evaluation"), cat)
-    in_metric = params.get("in_domain_metric", "harmfulness")
-    broad = {name: _outside(runner, name, cat) for name in params.get("broad_evaluations", [])}
-    broad_metric = params.get("broad_metric", "token_likelihood")
-    hp = {"steps": int(params.get("finetune_steps", 40)), "lr": float(params.get("finetune_lr", 1e-3)),
-          "rank": int(params.get("finetune_rank", 8)), "batch_size": int(params.get("finetune_batch_size", 8)),
-          "max_length": int(params.get("finetune_max_length", 256))}
-    keep = bool(params.get("keep_pruned", True))
-    utility = params.get("utility_data", runner.config.scoring.get("utility"))
+    cat = params.narrow_category
+    narrow = runner.records_subset(params.narrow_data, cat)
+    em_eval = _outside(runner, params.em_evaluation, cat)
+    in_eval = _inside(runner, params.in_domain_evaluation, cat)
+    in_metric, broad_metric = params.in_domain_metric, params.broad_metric
+    broad = {name: _outside(runner, name, cat) for name in params.broad_evaluations}
+    hp = {"steps": params.finetune_steps, "lr": params.finetune_lr, "rank": params.finetune_rank,
+          "batch_size": params.finetune_batch_size, "max_length": params.finetune_max_length}
+    keep = params.keep_pruned
+    utility = params.utility_data if params.utility_data is not None else runner.config.scoring.get("utility")
 
     def measure(model_name: str, mask, condition: str, seed: int | None = None) -> dict[str, Any]:
         em = runner.evaluate(model_name, em_eval, mask)
-        runner.store.record_metrics("emergent_misalignment", model, condition, params["em_evaluation"], em,
+        runner.store.record_metrics("emergent_misalignment", model, condition, params.em_evaluation, em,
                                     q=q, p=p, seed=seed)
         out = {k: em[k] for k in ("misaligned_rate", "misaligned_n", "n", "mean_aligned", "mean_coherent")}
         if in_eval:
             inside = runner.evaluate(model_name, in_eval, mask)
             runner.store.record_metrics("emergent_misalignment", model, condition,
-                                        f"{params['in_domain_evaluation']}:in-domain", inside, q=q, p=p, seed=seed)
+                                        f"{params.in_domain_evaluation}:in-domain", inside, q=q, p=p, seed=seed)
             out["in_domain"] = float(inside[in_metric])
         for name, derived in broad.items():
             metrics = runner.evaluate(model_name, derived, mask)
@@ -93,13 +116,13 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
 
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in ("base", "pruned", *FT_CONDITIONS)}
     runs["base"].append(measure(model, None, "base"))
-    seeds = list(params.get("seeds", [0, 1]))
+    seeds = params.seeds
     masks = {}
     for seed in seeds:
         plain = runner.finetuned(model, narrow, seed=seed, **hp)
         runs["ft-unpruned"].append(measure(plain, None, "ft-unpruned", seed))
-        source = params.get("prune_data") or narrow
-        if params.get("self_generated"):
+        source = params.prune_data or narrow
+        if params.self_generated:
             source = _self_generated(runner, plain, source, params)
         mask = runner.mask(model, q, p, harm_data=source, utility_data=utility)
         if mask not in masks.values():
@@ -116,37 +139,21 @@ def em_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[str, An
                                     {k: x for k, x in v.items() if not isinstance(x, list)}, q=q, p=p)
     return {"q": q, "p": p, "narrow_category": cat, "seeds": seeds, "finetune": {**hp, "keep_pruned": keep},
             "broad_metric": broad_metric if broad else None,
-            "self_generated": bool(params.get("self_generated")), "conditions": conditions, "per_seed": runs}
+            "self_generated": params.self_generated, "conditions": conditions, "per_seed": runs}
 
 
-def _self_generated(runner: Runner, finetuned: str, source: str, params: dict[str, Any]) -> str:
+def _self_generated(runner: Runner, finetuned: str, source: str, params: EMParams) -> str:
     """The fine-tuned model's own answers to ``source``'s prompts (optionally prefilled, refusals dropped by
     ``generation_refusal_judge``), as the data set its harm set is scored on; the counts go into the store."""
-    _check_generation(params)
-    prefix, n = params.get("generation_prefix", ""), int(params.get("generation_prefill_tokens", 0))
+    prefix, n = params.generation_prefix, params.generation_prefill_tokens
+    score_prefix = params.generation_score_prefix
     name = runner.generated_data(finetuned, source, prefix=prefix, prefill_tokens=n,
-                                 prefill_from=params.get("generation_prefill_from"),
-                                 max_new_tokens=int(params.get("generation_max_new_tokens", 128)),
-                                 judge=params.get("generation_refusal_judge"),
-                                 score_prefix=bool(params.get("generation_score_prefix", not (prefix or n))))
+                                 prefill_from=params.generation_prefill_from,
+                                 max_new_tokens=params.generation_max_new_tokens,
+                                 judge=params.generation_refusal_judge,
+                                 score_prefix=not (prefix or n) if score_prefix is None else score_prefix)
     runner.record_generation_counts(finetuned, "emergent_misalignment:self_generated", name, source)
     return name
-
-
-def _check_generation(params: dict[str, Any]) -> None:
-    """The self-generation settings, checked before any fine-tune runs."""
-    from harmprune.errors import ConfigError
-
-    where = "experiments.emergent_misalignment"
-    if params.get("generation_prefix") and params.get("generation_prefill_tokens"):
-        raise ConfigError(f"{where}: give generation_prefix or generation_prefill_tokens, not both")
-    judge = params.get("generation_refusal_judge")
-    if judge is not None:
-        from harmprune.judges import available_judges
-
-        if judge not in available_judges():
-            raise ConfigError(f"{where}.generation_refusal_judge {judge!r} is not a judge "
-                              f"(known: {', '.join(available_judges())})")
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,7 +177,7 @@ def _outside(runner: Runner, evaluation: str, category: str | None) -> str:
     """An evaluation outside the domain: the narrow category removed from its data (one set or a list)."""
     if not category:
         return evaluation
-    data = runner.config.evaluations[evaluation]["data"]
+    data = runner.config.evaluations[evaluation].spec.data
     if isinstance(data, list):
         return runner.derived_evaluation(evaluation, data=[runner.records_subset(n, exclude=category) for n in data])
     return runner.derived_evaluation(evaluation, data=runner.records_subset(data, exclude=category))
@@ -181,4 +188,4 @@ def _inside(runner: Runner, evaluation: str | None, category: str | None) -> str
     if not evaluation or not category:
         return evaluation
     return runner.derived_evaluation(evaluation, data=runner.records_subset(
-        runner.config.evaluations[evaluation]["data"], category))
+        runner.config.evaluations[evaluation].spec.data, category))

@@ -1,119 +1,268 @@
-"""Evaluation kinds a config can name (``[evaluations.<name>] kind = ...``), each a thin call into ``evals``.
+"""Evaluation kinds (``[evaluations.<name>] kind = ...`` in a config, ``harmprune eval <kind>`` on the command line),
+each a typed spec and a thin call into ``evals``.
 
-A kind declares the parameters it accepts (validated before any work) and a function
-``(runner, model, tokenizer, model_name, spec, out_dir) -> flat metrics``; kinds that generate text also write
-``out_dir/generations.jsonl``.
+A kind's spec declares its parameters (:mod:`harmprune.specs`: types, defaults, allowed values, which fields name
+data sets, judges or files), so a config is checked before any work and a cache key hashes every data set the
+evaluation reads. :func:`run_evaluation` is the one way an evaluation runs, from a config (the runner) or from the
+CLI: ``(spec, model, tokenizer, inputs, out_dir) -> flat metrics``; kinds that generate also write
+``out_dir/generations.jsonl``. :class:`EvalInputs` is what they read besides the model: data sets by name, the
+prompt format and the seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
 
+from harmprune.data import Record
+from harmprune.evals.scoring import DEFAULT_BATCH_TOKENS
 from harmprune.generation import write_generations
+from harmprune.specs import Invalid, options, param
 
-GEN_KEYS = {"max_new_tokens", "batch_size"}
+MATCHES = ("exact", "contains")
+PATH_REFS = ("file", "dir", "source")
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What an evaluation reads besides the model: its data sets by name, the prompt format and the seed."""
+
+    records: Callable[[str], list[Record]]
+    fmt: str
+    seed: int
+    paths: Mapping[str, str]  # the file each named data set was read from (the em judge reads its questions)
 
 
 @dataclass(frozen=True)
 class EvaluationKind:
-    params: frozenset[str]
+    spec: type
     run: Callable[..., dict[str, Any]]
+    metrics: Callable[[Any], Collection[str] | None]  # the metric names a spec's run gives (None: not knowable)
 
 
-def _harm(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------- harm
+
+
+@dataclass(frozen=True)
+class HarmSpec:
+    """Judged harmfulness of generations, optionally under a prefilling attack (the first tokens forced)."""
+
+    data: str = param(ref="data")
+    judge: str = param("refusal", ref="judge")
+    judge_options: dict[str, Any] = options("judge", "judge_")
+    extra_judges: list[str] = param([], ref="judge")
+    prefill_tokens: int = param(0, at_least=0)
+    prefill_from: str | None = param(None, ref="data")
+    max_new_tokens: int = param(128, at_least=1)
+    batch_size: int = param(8, at_least=1)
+    do_sample: bool = False
+    temperature: float = param(1.0, at_least=0)
+    top_p: float = param(1.0, at_least=0, at_most=1)
+    n_samples: int = param(1, at_least=1)
+
+
+HARM_METRICS = {"harmfulness", "refusal_rate", "harmful_rate", "n", "n_prompts", "prefill_tokens", "finished_rate",
+                "mean_new_tokens"}
+
+
+def _harm(spec: HarmSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.evals.harm import evaluate_harm
     from harmprune.judges import get_judge
 
-    judge_kwargs = {k.removeprefix("judge_"): v for k, v in spec.items() if k.startswith("judge_")}
-    judge = get_judge(spec.get("judge", "refusal"), **judge_kwargs)
-    extra = [get_judge(name) for name in spec.get("extra_judges", [])]
-    refs = runner.records(spec["prefill_from"]) if spec.get("prefill_from") else None
+    refs = inputs.records(spec.prefill_from) if spec.prefill_from else None
     metrics, rows = evaluate_harm(
-        model, tok, runner.records(spec["data"]), judge, prefill_tokens=int(spec.get("prefill_tokens", 0)),
-        prefill_from=refs, fmt=runner.model_format(model_name), max_new_tokens=int(spec.get("max_new_tokens", 128)),
-        batch_size=int(spec.get("batch_size", 8)), do_sample=bool(spec.get("do_sample", False)),
-        temperature=float(spec.get("temperature", 1.0)), top_p=float(spec.get("top_p", 1.0)),
-        n_samples=int(spec.get("n_samples", 1)), seed=runner.config.seed, extra_judges=extra, progress=True)
+        model, tok, inputs.records(spec.data), get_judge(spec.judge, **spec.judge_options),
+        prefill_tokens=spec.prefill_tokens, prefill_from=refs, fmt=inputs.fmt, max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size, do_sample=spec.do_sample, temperature=spec.temperature, top_p=spec.top_p,
+        n_samples=spec.n_samples, seed=inputs.seed, extra_judges=[get_judge(n) for n in spec.extra_judges],
+        progress=True)
     write_generations(out / "generations.jsonl", rows)
     return metrics
 
 
-def _batch_tokens(spec: dict[str, Any]) -> int:
-    from harmprune.evals.scoring import DEFAULT_BATCH_TOKENS
-
-    return int(spec.get("max_batch_tokens", DEFAULT_BATCH_TOKENS))
+# ---------------------------------------------------------------------------------------------- likelihood
 
 
-def _likelihood(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LikelihoodSpec:
+    """Teacher-forced response NLL of prompt→response pairs (judge-free), and the gap to benign pairs."""
+
+    data: str = param(ref="data")
+    benign_data: str | None = param(None, ref="data")
+    max_length: int = param(512, at_least=2)
+    batch_size: int = param(64, at_least=1)
+    max_batch_tokens: int = param(DEFAULT_BATCH_TOKENS, at_least=1)
+
+
+LIKELIHOOD_METRICS = {"nll", "nll_per_example", "perplexity", "token_likelihood", "n", "tokens"}
+
+
+def _likelihood_metrics(spec: LikelihoodSpec) -> set[str]:
+    if not spec.benign_data:
+        return set(LIKELIHOOD_METRICS)
+    return (LIKELIHOOD_METRICS | {f"{side}_{m}" for side in ("harmful", "benign") for m in LIKELIHOOD_METRICS}
+            | {"nll_gap", "nll_per_example_gap"})
+
+
+def _likelihood(spec: LikelihoodSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.evals.likelihood import harmful_likelihood, likelihood_gap
 
-    kw = {"fmt": runner.model_format(model_name), "max_length": int(spec.get("max_length", 512)),
-          "batch_size": int(spec.get("batch_size", 64)), "max_batch_tokens": _batch_tokens(spec)}
-    harmful = harmful_likelihood(model, tok, runner.records(spec["data"]), **kw)
-    if spec.get("benign_data"):
-        benign = harmful_likelihood(model, tok, runner.records(spec["benign_data"]), **kw)
+    kw = {"fmt": inputs.fmt, "max_length": spec.max_length, "batch_size": spec.batch_size,
+          "max_batch_tokens": spec.max_batch_tokens}
+    harmful = harmful_likelihood(model, tok, inputs.records(spec.data), **kw)
+    if spec.benign_data:
+        benign = harmful_likelihood(model, tok, inputs.records(spec.benign_data), **kw)
         return {**harmful, **likelihood_gap(harmful, benign)}
     return harmful
 
 
-def _utility(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
-    from harmprune.evals.utility import mmlu_accuracy, perplexity_of_responses, perplexity_of_text, read_text
+# ---------------------------------------------------------------------------------------------- utility
+
+
+@dataclass(frozen=True)
+class UtilitySpec:
+    """MMLU accuracy, perplexity of a text file or of a data set's responses, and lm-eval tasks."""
+
+    mmlu: str | None = param(None, ref="dir")
+    subjects: list[str] | None = None
+    limit: int | None = param(None, at_least=1)
+    k_shot: int = param(5, at_least=0)
+    ppl_file: str | None = param(None, ref="file")
+    ppl_window: int = param(1024, at_least=2)
+    ppl_stride: int = param(512, at_least=1)
+    ppl_data: str | None = param(None, ref="data")
+    max_length: int = param(512, at_least=2)
+    lm_eval_tasks: list[str] = param([])
+    lm_eval_limit: int | None = param(None, at_least=1)
+    batch_size: int = param(8, at_least=1)
+
+    def check(self) -> None:
+        if not (self.mmlu or self.ppl_file or self.ppl_data or self.lm_eval_tasks):
+            raise Invalid("mmlu", "nothing to evaluate: give mmlu, ppl_file, ppl_data and/or lm_eval_tasks")
+
+
+def _utility_metrics(spec: UtilitySpec) -> set[str] | None:
+    out = {"n"}
+    if spec.mmlu:
+        out |= {"mmlu_accuracy", "mmlu_macro_accuracy", "mmlu_option_mass", "mmlu_n", "mmlu_subjects", "mmlu_k_shot"}
+    if spec.ppl_file:
+        out |= {"perplexity", "nll", "tokens", "windows"}
+    if spec.ppl_data:
+        out |= {f"responses_{m}" for m in LIKELIHOOD_METRICS}
+    return out  # lm-eval metrics are named lmeval/<task>/<metric>: not checked
+
+
+def _utility(spec: UtilitySpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
+    from harmprune.evals.utility import (lm_eval_adapter, mmlu_accuracy, perplexity_of_responses,
+                                         perplexity_of_text, read_text)
 
     metrics: dict[str, Any] = {}
-    if spec.get("mmlu"):
-        metrics.update(mmlu_accuracy(model, tok, spec["mmlu"], subjects=spec.get("subjects"),
-                                     k_shot=int(spec.get("k_shot", 5)), limit=spec.get("limit"),
-                                     batch_size=int(spec.get("batch_size", 8))))
-    if spec.get("ppl_file"):
-        metrics.update(perplexity_of_text(model, tok, read_text(spec["ppl_file"])))
-    if spec.get("ppl_data"):
-        ppl = perplexity_of_responses(model, tok, runner.records(spec["ppl_data"]), fmt=runner.model_format(model_name))
+    if spec.mmlu:
+        metrics.update(mmlu_accuracy(model, tok, spec.mmlu, subjects=spec.subjects, k_shot=spec.k_shot,
+                                     limit=spec.limit, batch_size=spec.batch_size))
+    if spec.ppl_file:
+        metrics.update(perplexity_of_text(model, tok, read_text(spec.ppl_file), spec.ppl_window, spec.ppl_stride))
+    if spec.ppl_data:
+        ppl = perplexity_of_responses(model, tok, inputs.records(spec.ppl_data), fmt=inputs.fmt,
+                                      max_length=spec.max_length, batch_size=spec.batch_size)
         metrics.update({f"responses_{k}": v for k, v in ppl.items()})
+    if spec.lm_eval_tasks:
+        metrics.update(lm_eval_adapter(model, tok, spec.lm_eval_tasks, spec.lm_eval_limit, spec.batch_size))
+    metrics["n"] = metrics.get("mmlu_n", metrics.get("responses_n", metrics.get("tokens", len(spec.lm_eval_tasks))))
     return metrics
 
 
-def _recognition(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
-    from harmprune.evals.recognition import detection, explanation, refusal_rate
+# ---------------------------------------------------------------------------------------------- recognition
 
+
+@dataclass(frozen=True)
+class RecognitionSpec:
+    """Harm detection (yes/no), explanation and the refusal rate on harmful (and, optionally, benign) prompts."""
+
+    harmful: str = param(ref="data")
+    benign: str = param(ref="data")
+    detection: bool = True
+    explanation: bool = True
+    refusal: bool = True
+    benign_refusal: bool = False  # also the refusal rate on the benign prompts (over-refusal)
+    judge: str | None = param(None, ref="judge")  # grades explanations; None: the offline heuristic
+    judge_options: dict[str, Any] = options("judge", "judge_")
+    max_new_tokens: int = param(64, at_least=1)
+    batch_size: int | None = param(None, at_least=1)  # None: 64 requests per detection batch, 8 per generation
+    max_batch_tokens: int = param(DEFAULT_BATCH_TOKENS, at_least=1)
+
+
+def _recognition_metrics(spec: RecognitionSpec) -> set[str]:
+    out = {"n", "n_harmful", "n_benign"}
+    if spec.detection:
+        out |= {f"detection_{m}" for m in ("accuracy", "auroc", "recall_harmful", "specificity_benign",
+                                           "mean_score_harmful", "mean_score_benign")}
+    if spec.explanation:
+        out |= {f"explanation_{m}" for m in ("rate", "refusal_rate", "on_topic_rate", "degenerate_rate", "n", "score")}
+    if spec.refusal:
+        out |= {"refusal_rate", "refusal_n"}
+    if spec.benign_refusal:
+        out |= {"benign_refusal_rate", "benign_refusal_n"}
+    return out
+
+
+def _recognition(spec: RecognitionSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
+    from harmprune.evals.recognition import detection, explanation, refusal_rate
     from harmprune.judges import get_judge
 
-    fmt = runner.model_format(model_name)
-    harmful, benign = runner.records(spec["harmful"]), runner.records(spec["benign"])
-    batch = int(spec.get("batch_size", 8))
-    max_new = int(spec.get("max_new_tokens", 64))
-    judge_kwargs = {k.removeprefix("judge_"): v for k, v in spec.items() if k.startswith("judge_")}
-    judge = get_judge(spec["judge"], **judge_kwargs) if spec.get("judge") else None
-    metrics, rows = detection(model, tok, harmful, benign, fmt=fmt, batch_size=int(spec.get("batch_size", 64)),
-                              max_batch_tokens=_batch_tokens(spec))
-    metrics["n"] = len(harmful) + len(benign)
-    gen_rows: list[dict[str, Any]] = []
-    if spec.get("explanation", True):
-        m, r = explanation(model, tok, harmful, fmt=fmt, judge=judge, max_new_tokens=max_new, batch_size=batch)
+    harmful, benign = inputs.records(spec.harmful), inputs.records(spec.benign)
+    judge = get_judge(spec.judge, **spec.judge_options) if spec.judge else None
+    gen = {"fmt": inputs.fmt, "max_new_tokens": spec.max_new_tokens, "batch_size": spec.batch_size or 8,
+           "progress": True}
+    metrics: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    if spec.detection:
+        m, detected = detection(model, tok, harmful, benign, fmt=inputs.fmt, batch_size=spec.batch_size or 64,
+                                max_batch_tokens=spec.max_batch_tokens)
         metrics.update(m)
-        gen_rows += r
-    if spec.get("refusal", True):
-        m, r = refusal_rate(model, tok, harmful, fmt=fmt, max_new_tokens=max_new, batch_size=batch)
+        write_generations(out / "detection.jsonl", detected)
+    if spec.explanation:
+        m, r = explanation(model, tok, harmful, judge=judge, **gen)
         metrics.update(m)
-        gen_rows += r
-    if gen_rows:
-        write_generations(out / "generations.jsonl", gen_rows)
+        rows += r
+    if spec.refusal:
+        m, r = refusal_rate(model, tok, harmful, **gen)
+        metrics.update(m)
+        rows += r
+    if spec.benign_refusal:
+        m, r = refusal_rate(model, tok, benign, **gen)
+        metrics.update(benign_refusal_rate=m["refusal_rate"], benign_refusal_n=m["refusal_n"])
+        rows += [dict(x, task="benign_refusal") for x in r]
+    metrics.update(n=len(harmful) + len(benign), n_harmful=len(harmful), n_benign=len(benign))
+    if rows:
+        write_generations(out / "generations.jsonl", rows)
     return metrics
 
 
-def _accuracy(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
-    """Exact-answer accuracy: the generated answer must equal the data set's reference response."""
+# ---------------------------------------------------------------------------------------------- accuracy
+
+
+@dataclass(frozen=True)
+class AccuracySpec:
+    """Exact-answer accuracy: the generated answer must equal (or, ``match = "contains"``, contain) the reference."""
+
+    data: str = param(ref="data")
+    match: str = param("exact", choices=MATCHES)
+    max_new_tokens: int = param(32, at_least=1)
+    batch_size: int = param(16, at_least=1)
+
+
+def _accuracy(spec: AccuracySpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.generation import generate
 
-    records = [r for r in runner.records(spec["data"]) if r.response is not None]
-    gens = generate(model, tok, [r.prompt for r in records], fmt=runner.model_format(model_name),
-                    max_new_tokens=int(spec.get("max_new_tokens", 32)), batch_size=int(spec.get("batch_size", 16)))
-    match = spec.get("match", "exact")
+    records = [r for r in inputs.records(spec.data) if r.response is not None]
+    gens = generate(model, tok, [r.prompt for r in records], fmt=inputs.fmt, max_new_tokens=spec.max_new_tokens,
+                    batch_size=spec.batch_size)
     rows, correct = [], 0
     for r, g in zip(records, gens):
         got, want = " ".join(g.response.split()), " ".join(r.response.split())
-        ok = got == want if match == "exact" else want.lower() in got.lower()
+        ok = got == want if spec.match == "exact" else want.lower() in got.lower()
         correct += ok
         rows.append({"prompt": r.prompt, "reference": r.response, "response": g.response, "category": r.category,
                      "correct": ok})
@@ -121,59 +270,44 @@ def _accuracy(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]
     return {"accuracy": correct / len(records), "n": len(records)}
 
 
-KINDS: dict[str, EvaluationKind] = {
-    "harm": EvaluationKind(frozenset({"data", "judge", "judge_base_url", "judge_model", "judge_api_key_env",
-                                      "judge_concurrency", "judge_prompt_file", "judge_base_model", "judge_adapter",
-                                      "judge_batch_size", "judge_dtype", "judge_max_new_tokens", "prefill_tokens",
-                                      "judge_timeout", "judge_max_retries",
-                                      "prefill_from", "do_sample", "temperature", "top_p", "n_samples",
-                                      "extra_judges"} | GEN_KEYS), _harm),
-    "likelihood": EvaluationKind(frozenset({"data", "benign_data", "max_length", "batch_size", "max_batch_tokens"}),
-                                 _likelihood),
-    "utility": EvaluationKind(frozenset({"mmlu", "subjects", "limit", "k_shot", "ppl_file", "ppl_data",
-                                         "batch_size"}), _utility),
-    "recognition": EvaluationKind(frozenset({"harmful", "benign", "explanation", "refusal", "judge", "judge_model",
-                                            "max_batch_tokens"}
-                                            | GEN_KEYS),
-                                  _recognition),
-    "accuracy": EvaluationKind(frozenset({"data", "match"} | GEN_KEYS), _accuracy),
-}
+# ---------------------------------------------------------------------------------------------- em
 
 
-def evaluation_kinds() -> dict[str, set[str]]:
-    return {k: set(v.params) for k, v in KINDS.items()}
-
-
-def run_evaluation(runner, model, tok, model_name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    return KINDS[spec["kind"]].run(runner, model, tok, model_name, spec, out)
-
-
-# ---------------------------------------------------------------------------------------------- Experiments II
-
-
-def _em(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EMSpec:
     """Broad misalignment: sampled answers to out-of-domain questions, graded aligned/coherent by an EM judge."""
-    import harmprune.judges.em  # noqa: F401  (registers the em judges)
+
+    data: str | list[str] = param(ref="data")
+    judge: str = param("em", ref="judge")
+    judge_options: dict[str, Any] = options("judge", "judge_")
+    max_new_tokens: int = param(128, at_least=1)
+    batch_size: int = param(8, at_least=1)
+    do_sample: bool = True
+    temperature: float = param(1.0, at_least=0)
+    top_p: float = param(1.0, at_least=0, at_most=1)
+    n_samples: int = param(1, at_least=1)
+
+
+EM_METRICS = {"misaligned_rate", "misaligned_n", "n", "misaligned_ci_low", "misaligned_ci_high", "mean_aligned",
+              "mean_coherent", "coherent_rate", "refusal_rate"}
+
+
+def _em(spec: EMSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.generation import generate, judge_generations
     from harmprune.judges import get_judge
     from harmprune.stats import wilson_interval
 
-    names = spec["data"] if isinstance(spec["data"], list) else [spec["data"]]
-    records = [r for n in names for r in runner.records(n)]
-    judge_name = spec.get("judge", "em")
-    judge_kwargs = {k.removeprefix("judge_"): v for k, v in spec.items() if k.startswith("judge_")}
-    if judge_name == "em" and "prompts_file" not in judge_kwargs:
-        yaml_files = [runner.config.data[n].path for n in names
-                      if n in runner.config.data and runner.config.data[n].path.endswith((".yaml", ".yml"))]
+    names = spec.data if isinstance(spec.data, list) else [spec.data]
+    records = [r for n in names for r in inputs.records(n)]
+    judge_kwargs = dict(spec.judge_options)
+    if spec.judge == "em" and "prompts_file" not in judge_kwargs:  # the questions' own grading prompts
+        yaml_files = [inputs.paths[n] for n in names if inputs.paths.get(n, "").endswith((".yaml", ".yml"))]
         if yaml_files:
             judge_kwargs["prompts_file"] = yaml_files[0]
-    judge = get_judge(judge_name, **judge_kwargs)
-    do_sample = bool(spec.get("do_sample", True))
-    gens = generate(model, tok, [r.prompt for r in records], fmt=runner.model_format(model_name),
-                    max_new_tokens=int(spec.get("max_new_tokens", 128)), batch_size=int(spec.get("batch_size", 8)),
-                    do_sample=do_sample, temperature=float(spec.get("temperature", 1.0)),
-                    top_p=float(spec.get("top_p", 1.0)), n_samples=int(spec.get("n_samples", 1)),
-                    seed=runner.config.seed, progress=True)
+    judge = get_judge(spec.judge, **judge_kwargs)
+    gens = generate(model, tok, [r.prompt for r in records], fmt=inputs.fmt, max_new_tokens=spec.max_new_tokens,
+                    batch_size=spec.batch_size, do_sample=spec.do_sample, temperature=spec.temperature,
+                    top_p=spec.top_p, n_samples=spec.n_samples, seed=inputs.seed, progress=True)
     rows = judge_generations(gens, [judge], [r.category for r in records])
     write_generations(out / "generations.jsonl", rows)
     return em_summary([r["verdicts"][judge.name] for r in rows], [r["category"] for r in rows], wilson_interval)
@@ -203,8 +337,39 @@ def em_summary(verdicts: list[dict[str, Any]], categories: list[str | None], int
     return out
 
 
-KINDS["em"] = EvaluationKind(frozenset({"data", "judge", "judge_backend", "judge_model", "judge_base_url",
-                                        "judge_api_key_env", "judge_prompts_file", "judge_concurrency",
-                                        "judge_batch_size", "judge_dtype", "judge_max_new_tokens", "judge_scoring",
-                                        "judge_timeout", "judge_max_retries",
-                                        "do_sample", "temperature", "top_p", "n_samples"} | GEN_KEYS), _em)
+# ---------------------------------------------------------------------------------------------- registry
+
+
+KINDS: dict[str, EvaluationKind] = {
+    "harm": EvaluationKind(HarmSpec, _harm, lambda spec: HARM_METRICS),
+    "likelihood": EvaluationKind(LikelihoodSpec, _likelihood, _likelihood_metrics),
+    "utility": EvaluationKind(UtilitySpec, _utility, _utility_metrics),
+    "recognition": EvaluationKind(RecognitionSpec, _recognition, _recognition_metrics),
+    "accuracy": EvaluationKind(AccuracySpec, _accuracy, lambda spec: {"accuracy", "n"}),
+    "em": EvaluationKind(EMSpec, _em, lambda spec: EM_METRICS),
+}
+
+
+def kind_of(spec: Any) -> str:
+    """The kind name of an evaluation spec."""
+    return next(name for name, kind in KINDS.items() if isinstance(spec, kind.spec))
+
+
+def run_evaluation(spec: Any, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
+    """Run one evaluation (a spec of any kind) on ``model`` as it is (pruned or not); write per-item files to
+    ``out``; return its flat metrics."""
+    return KINDS[kind_of(spec)].run(spec, model, tok, inputs, out)
+
+
+def judge_files(spec: Any) -> dict[str, str]:
+    """``judge_<option>`` -> the local file or directory each path option of the spec's judge names (a grader
+    model, an adapter, a prompt file): a grader retrained in place must not reuse old verdicts."""
+    import dataclasses
+
+    from harmprune.judges import judge_options
+
+    judge, given = getattr(spec, "judge", None), getattr(spec, "judge_options", {})
+    if not judge or not given:
+        return {}
+    refs = {f.name for f in dataclasses.fields(judge_options(judge)) if f.metadata.get("ref") in PATH_REFS}
+    return {f"judge_{k}": v for k, v in given.items() if k in refs and isinstance(v, str) and Path(v).exists()}

@@ -303,38 +303,39 @@ class Runner:
         return self.stage("control", params, build, "mask.safetensors") / "mask.safetensors"
 
     def evaluate(self, model_name: str, evaluation: str, mask: Path | None = None) -> dict[str, Any]:
-        """Metrics of one named evaluation on ``model`` with ``mask`` applied (None: unpruned)."""
+        """Metrics of one named evaluation on ``model`` with ``mask`` applied (None: unpruned).
+
+        The key hashes the evaluation's table, the records of every data set its spec declares it reads (whatever
+        the field is called) and the files of its judge."""
         from harmprune.experiments.evaluations import run_evaluation
         from harmprune.pruning import pruned
+        from harmprune.specs import references
 
-        spec = dict(self.config.evaluations[evaluation])
+        ev = self.config.evaluations[evaluation]
         params = {"model": self.model_hash(model_name), "mask": sha256_file(mask) if mask else None,
-                  "evaluation": spec, "data": {k: self.data_hash(v) for k, v in _data_refs(spec).items()},
+                  "evaluation": ev.table, "data": {k: self.data_hash(v) for k, v in references(ev.spec, "data").items()},
                   "format": self.model_format(model_name), "seed": self.config.seed}
-        judge_files = _judge_file_hashes(spec)
-        if judge_files:  # a grader retrained in place must not reuse old verdicts
-            params["judge_files"] = judge_files
+        files = judge_file_hashes(ev.spec)
+        if files:  # a grader retrained in place must not reuse old verdicts
+            params["judge_files"] = files
 
         def build(d: Path) -> None:
             model, tok = self.model(model_name)
             with pruned(model, mask):
-                metrics = run_evaluation(self, model, tok, model_name, spec, d)
+                metrics = run_evaluation(ev.spec, model, tok, self.eval_inputs(model_name), d)
             atomic_write_json(d / "metrics.json", metrics)
 
         d = self.stage("evaluate", params, build, "metrics.json")
         return json.loads((d / "metrics.json").read_text())
 
+    def eval_inputs(self, model_name: str):
+        """What an evaluation of ``model`` reads besides the model: this run's data sets, its format, the seed."""
+        from harmprune.experiments.evaluations import EvalInputs
+
+        return EvalInputs(self.records, self.model_format(model_name), self.config.seed,
+                          {n: s.path for n, s in self.config.data.items()})
+
     # ---------------------------------------------------------------------- Experiments II: derived inputs
-
-    def check_names(self, experiment: str, params: dict[str, Any]) -> None:
-        """Every ``*_evaluation`` / ``*_model`` / ``*_data`` parameter names a configured one (before any work)."""
-        from harmprune.errors import ConfigError
-
-        tables = {"evaluation": self.config.evaluations, "model": self.config.models, "data": self.config.data}
-        for key, value in params.items():
-            kind = key.rsplit("_", 1)[-1]
-            if kind in tables and key != kind and isinstance(value, str) and value not in tables[kind]:
-                raise ConfigError(f"{self.config.path}: experiments.{experiment}.{key} names unknown {kind} {value!r}")
 
     def derived_data(self, name: str, records: list[Record]) -> str:
         """Make ``records`` usable wherever a data-set name is (scores, masks, evaluations); return ``name``.
@@ -369,9 +370,14 @@ class Runner:
 
     def derived_evaluation(self, evaluation: str, **overrides: Any) -> str:
         """A copy of a configured evaluation with some parameters replaced (e.g. its data); return its name."""
-        spec = {**self.config.evaluations[evaluation], **overrides}
+        from dataclasses import replace
+
+        from harmprune.experiments.config import Evaluation
+
+        ev = self.config.evaluations[evaluation]
         name = f"{evaluation}@{stable_hash(overrides)[:10]}"
-        self.config.evaluations[name] = spec
+        self.config.evaluations[name] = Evaluation(name, ev.kind, replace(ev.spec, **overrides),
+                                                   {**ev.table, **overrides})
         return name
 
     def generated_data(self, model_name: str, data_name: str, *, prefix: str = "", max_new_tokens: int = 128,
@@ -500,13 +506,11 @@ def _fresh_partial_dir(final: Path) -> Path:
     return partial
 
 
-JUDGE_FILE_KEYS = ("judge_model", "judge_base_model", "judge_adapter", "judge_prompt_file", "judge_prompts_file")
-
-
-def _judge_file_hashes(spec: dict[str, Any]) -> dict[str, str]:
+def judge_file_hashes(spec: Any) -> dict[str, str]:
     """Content hashes of the local files and directories an evaluation's judge reads (models, adapters, prompts)."""
-    return {k: hash_model_source(spec[k]) for k in JUDGE_FILE_KEYS
-            if isinstance(spec.get(k), str) and Path(spec[k]).exists()}
+    from harmprune.experiments.evaluations import judge_files
+
+    return {k: hash_model_source(v) for k, v in judge_files(spec).items()}
 
 
 def hash_model_source(source: str) -> str:
@@ -534,15 +538,6 @@ def hash_model_source(source: str) -> str:
     except OSError:
         pass
     return stable_hash(digests)
-
-
-def _data_refs(spec: dict[str, Any]) -> dict[str, str]:
-    refs = {}
-    for key, value in spec.items():
-        if key.endswith("data") or key in ("prefill_from", "harmful", "benign"):
-            for i, v in enumerate(value if isinstance(value, list) else [value]):
-                refs[f"{key}[{i}]"] = v
-    return refs
 
 
 def _describe(params: dict[str, Any]) -> str:

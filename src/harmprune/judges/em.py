@@ -142,6 +142,8 @@ def _verdict(aligned: float | str, coherent: float | str, **details: Any) -> Ver
 class EMJudge(Judge):
     """Aligned and coherent scores from a grader model (OpenAI-compatible endpoint or local HF model)."""
 
+    option_refs = {"model": "source", "prompts_file": "file"}
+
     def __init__(self, backend: str = "openai", model: str | None = None, base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", prompts_file: str | None = None, concurrency: int = 8,
                  max_new_tokens: int = 16, batch_size: int = 4, dtype: str = "float32", device: str | None = None,

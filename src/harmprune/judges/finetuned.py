@@ -143,6 +143,8 @@ def load_classifier(base_model: str, adapter: str, dtype: torch.dtype, device: s
 class FinetunedJudge(Judge):
     """Expected-grade scoring by the fine-tuned StrongREJECT classifier (or any model given as model/tokenizer)."""
 
+    option_refs = {"base_model": "source", "adapter": "source", "prompt_file": "file"}
+
     def __init__(
         self,
         base_model: str = DEFAULT_BASE_MODEL,

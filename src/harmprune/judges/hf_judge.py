@@ -19,6 +19,8 @@ from harmprune.judges.strongreject import parse_rubric, rubric_prompt
 class HFJudge(Judge):
     """Rubric grading by a local chat model given by spec (directory, hub id, alias) or as (model, tokenizer)."""
 
+    option_refs = {"model": "source"}
+
     def __init__(
         self,
         model: str | None = None,
