@@ -98,17 +98,22 @@ def bench_shape(spec: str, args, tmp: Path) -> list[dict]:
     write_scores(shape, layers, tmp / "util.safetensors", 1, "signed-snip")
     harm, util = TensorFile(tmp / "harm.safetensors"), TensorFile(tmp / "util.safetensors")
     read_all(harm, util)  # into the page cache
-    read = min(read_all(harm, util) for _ in range(2))
     rows = []
     for granularity in args.granularities:
-        t_old, old = timed(lambda: old_select(harm, util, args.q, args.p, granularity))
-        t_new, new = timed(lambda: select(harm, util, args.q, args.p, granularity).indices)
+        # Read and the new selection alternate, best of --repeats each, so a change in the machine's load hits both.
+        reads, news = [], []
+        for _ in range(args.repeats):
+            reads.append(read_all(harm, util))
+            t, new = timed(lambda: select(harm, util, args.q, args.p, granularity).indices)
+            news.append(t)
+        read, t_new = min(reads), min(news)
+        t_old, old = (None, new) if args.skip_old else timed(lambda: old_select(harm, util, args.q, args.p, granularity))
         qs = [args.q * m for m in args.sweep]
         t_each, each = timed(lambda: {q: select(harm, util, q, args.p, granularity).indices for q in qs})
         t_grid, grid = timed(lambda: select_grid(harm, util, qs, [args.p], granularity))
         rows.append({"shape": f"{name} ({layers} layer{'s' * (layers > 1)})", "entries": n,
                      "file_gib": 4 * n / 2**30, "granularity": granularity, "read": read, "old": t_old,
-                     "new": t_new, "selected": sum(t.numel() for t in new.values()),
+                     "new": t_new, "reads": reads, "news": news, "selected": sum(t.numel() for t in new.values()),
                      "same": same(old, new) and all(same(each[q], grid[(q, args.p)].indices) for q in qs),
                      "sweep": len(qs), "each": t_each, "grid": t_grid})
         print(rows[-1], flush=True)
@@ -127,6 +132,9 @@ def main() -> None:
     ap.add_argument("--sweep", type=float, nargs="+", default=[1, 3, 10, 30],
                     help="the sweep's q values, as multiples of --q")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="read / new selection alternations (best of each)")
+    ap.add_argument("--skip-old", action="store_true",
+                    help="do not time the old full-sort selection (minutes at 0.5B); its columns show '-'")
     ap.add_argument("--tmp", type=Path, default=None, help="where to write the score files")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args()
@@ -136,6 +144,14 @@ def main() -> None:
     report(args, rows)
 
 
+def _seconds(t: float | None) -> str:
+    return "-" if t is None else f"{t:.2f}"
+
+
+def _ratio(a: float | None, b: float) -> str:
+    return "-" if a is None else f"{a / b:.1f}×"
+
+
 def report(args, rows: list[dict]) -> None:
     sweep = ", ".join(f"{args.q * m:g}" for m in args.sweep)
     lines = [
@@ -143,7 +159,7 @@ def report(args, rows: list[dict]) -> None:
         "",
         f"Command: `.venv/bin/python bench/bench_selection.py --shapes {' '.join(args.shapes)} --granularities "
         f"{' '.join(args.granularities)} --q {args.q:g} --p {args.p:g} --sweep {' '.join(f'{m:g}' for m in args.sweep)}"
-        f" --threads {args.threads}`. Harm and utility score files (float32, random normal, signed-snip) with the "
+        f" --threads {args.threads} --repeats {args.repeats}{' --skip-old' * args.skip_old}`. Harm and utility score files (float32, random normal, signed-snip) with the "
         f"scored shapes named; all times from the page cache; {machine()}; load average at the end "
         f"{open('/proc/loadavg').read().split()[0]} (other jobs shared the CPU); run on {time.strftime('%Y-%m-%d')}.",
         "",
@@ -153,17 +169,21 @@ def report(args, rows: list[dict]) -> None:
     ]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['entries'] / 1e6:.0f}M ({r['file_gib']:.2f} GiB) | {r['granularity']} | "
-                     f"{r['read']:.2f} | {r['old']:.2f} | {r['new']:.2f} | **{r['new'] / r['read']:.2f}×** | "
-                     f"{r['old'] / r['new']:.1f}× | {r['selected']} | {'yes' if r['same'] else 'NO'} | "
+                     f"{r['read']:.3f} | {_seconds(r['old'])} | {r['new']:.3f} | **{r['new'] / r['read']:.2f}×** | "
+                     f"{_ratio(r['old'], r['new'])} | {r['selected']} | {'yes' if r['same'] else 'NO'} | "
                      f"{r['each']:.2f} | {r['grid']:.2f} |")
     lines += [
         "",
+        f"- read and new selection alternate {args.repeats} times; the best of each is shown (all, in seconds: "
+        + "; ".join(f"{r['shape']} {r['granularity']}: read {', '.join(f'{t:.3f}' for t in r['reads'])}, new "
+                    f"{', '.join(f'{t:.3f}' for t in r['news'])}" for r in rows) + ").",
         f"- Target: new selection ≤ 2× the time to read both files. \"read\" loads every tensor of both files and "
         f"touches every value; selection reads them too, so the ratio includes its own reading.",
         f"- Old: a full stable sort of every matrix (`matrix`), the three-pass radix select (`global`). New: the "
         f"maxima of small blocks bound the k-th value from below, then only the ~k candidates in the blocks "
         f"reaching it are ranked (`matrix`); one pass keeping the running top k (`global`). \"same mask\": old "
-        f"and new, and the sweep's two ways, give equal indices.",
+        f"and new, and the sweep's two ways, give equal indices"
+        f"{' (with --skip-old: the sweep' + chr(39) + 's two ways only; old columns from earlier runs)' * args.skip_old}.",
         f"- Sweep: q ∈ {{{sweep}}} at p = {args.p:g}; `select_grid` ranks each matrix once at the largest q and "
         f"reads each file once.",
         "",

@@ -312,6 +312,8 @@ _EXACT_BELOW = 1 << 18  # for a k near the size, tensors this small skip the sam
 _MIN_BLOCK = 16  # block maxima pay off while k ≤ size / _MIN_BLOCK²; above, a sampled bound and one comparison
 _SAMPLE = 1 << 16  # entries sampled to bound the k-th largest value from below when k is large
 _SPREAD = 2654435761  # a prime: i × _SPREAD mod n scatters the sample over rows and columns
+_GATHER_SHARE = 8  # kept blocks covering over 1/8 of a tensor: compare the whole tensor instead of gathering
+_FLOOR_BLOCK = 128  # smallest block for the running global top-k's floor test: smaller blocks' maxima cost more
 _GLOBAL_CAP = 1 << 25  # the running global top-k holds at most this many entries; beyond, the radix select
 
 
@@ -345,6 +347,10 @@ def _in_blocks(flat: torch.Tensor, negate: bool, keep: torch.Tensor, size: int, 
                strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted flat indices and support values of the entries ≥ ``floor`` (> if ``strict``) in the kept blocks."""
     blocks = torch.nonzero(keep).flatten()
+    if blocks.numel() * size * _GATHER_SHARE > flat.numel():  # gathering that many costs more than one comparison
+        support_ = _signed(flat, negate)
+        idx = torch.nonzero(support_ > floor if strict else support_ >= floor).flatten()
+        return idx, support_[idx]
     idx = (blocks.unsqueeze(1) * size + torch.arange(size, device=flat.device)).reshape(-1)
     idx = idx[idx < flat.numel()]
     vals = _signed(flat[idx], negate)
@@ -475,6 +481,7 @@ class _RunningTop:
 
     def __init__(self, k: int):
         self.k = k
+        self.seen = 0  # entries of the tensors added so far
         self.keys = torch.empty(0, dtype=torch.int32)
         self.tensor = torch.empty(0, dtype=torch.int32)
         self.index = torch.empty(0, dtype=torch.long)
@@ -486,6 +493,7 @@ class _RunningTop:
         if self.keys.device != flat.device:
             self.keys, self.tensor, self.index = (t.to(flat.device) for t in (self.keys, self.tensor, self.index))
         local = self._above_floor(flat, negate) if self.keys.numel() == self.k else _top(flat, self.k, True, negate)
+        self.seen += flat.numel()
         if local.numel() == 0:
             return
         keys = sort_keys(_signed(flat[local], negate))
@@ -497,9 +505,12 @@ class _RunningTop:
     def _above_floor(self, flat: torch.Tensor, negate: bool) -> torch.Tensor:
         """Ranked top k (at most) of this tensor's entries strictly above the current k-th key."""
         floor = _key_value(self.keys[-1])
-        size = _block_size(flat.numel(), self.k)
+        n = flat.numel()
+        # About k·n/(seen + n) of this tensor's entries can be expected above the floor, not k; blocks sized for
+        # that expectation (and never so small that the block maxima cost more than the comparisons they save).
+        size = max(_FLOOR_BLOCK, _block_size(n, max(1, self.k * n // (self.seen + n))))
         got = None
-        if flat.numel() > _SMALL and size >= _MIN_BLOCK:
+        if n > _SMALL:
             maxima = _block_max(flat, negate, size)
             if not bool(torch.isnan(maxima.max())):
                 got = _in_blocks(flat, negate, maxima > floor, size, floor, strict=True)

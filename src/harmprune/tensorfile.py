@@ -99,6 +99,7 @@ class TensorFile:
         else:
             raise ScoreFileError(f"{self.path}: no such file (nor a sharded index {idx.name})")
         self.metadata = {k: _decode(v) for k, v in raw_meta.items()}
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -116,8 +117,12 @@ class TensorFile:
             return f.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self._names[name]), framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+        if name not in self._shapes:  # one header read per file, not one per tensor
+            if name not in self._names:
+                raise ScoreFileError(f"{self.path}: no tensor named {name!r}")
+            with safe_open(str(self._names[name]), framework="pt") as f:
+                self._shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()})
+        return self._shapes[name]
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._names:
