@@ -386,7 +386,7 @@ def test_a_failing_item_does_not_discard_the_verdicts_obtained():
 def test_judge_timeout_and_retries_are_options_with_unchanged_defaults():
     import inspect
 
-    from harmprune.experiments.evaluations import KINDS
+    from harmprune.experiments.evaluations import EVALUATIONS
     from harmprune.judges.em import EMJudge
     from harmprune.judges.strongreject import StrongRejectJudge
 
@@ -396,7 +396,7 @@ def test_judge_timeout_and_retries_are_options_with_unchanged_defaults():
     assert (em.client.timeout, em.client.max_retries) == (3.5, 1)
     assert (EMJudge(base_url="http://127.0.0.1:9/v1").client.timeout, StrongRejectJudge().max_retries) == (60.0, 4)
     for kind in ("harm", "em"):
-        assert {"judge_timeout", "judge_max_retries"} <= KINDS[kind].params
+        assert {"judge_timeout", "judge_max_retries"} <= EVALUATIONS.get(kind).params
     from harmprune.cli import build_parser
     from harmprune.cli.evals import judge_from_args
 

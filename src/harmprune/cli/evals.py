@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 from harmprune.cli.common import add_data_args, add_format_args, add_model_args, load_data, load_model_from_args
-
-JUDGES = ("refusal", "harm-classifier", "strongreject", "strongreject-finetuned", "hf-judge", "organism")
+from harmprune.judges import JUDGES
 MEASURES = ("detection", "explanation", "refusal")
 TEXT_SUFFIXES = ("", ".txt", ".text", ".md")
 
@@ -81,7 +80,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_judge_args(p: argparse.ArgumentParser, default: str | None, help_default: str = "refusal") -> None:
-    p.add_argument("--judge", default=default, choices=JUDGES, help=f"judge (default: {help_default})")
+    p.add_argument("--judge", default=default, choices=JUDGES.names(), help=f"judge (default: {help_default})")
     p.add_argument("--judge-model", default=None,
                    help="strongreject: endpoint model name; hf-judge: local model spec; "
                         "strongreject-finetuned: base model; harm-classifier: trained classifier directory")

@@ -50,6 +50,7 @@ from typing import Any
 
 from harmprune.errors import ConfigError
 from harmprune.formatting import PROMPT_FORMATS
+from harmprune.scoring_methods import SCORING_METHODS
 
 TOP_KEYS = {"name", "seed", "dtype", "device", "models", "data", "scoring", "selection", "evaluations",
             "experiments", "report"}
@@ -69,7 +70,6 @@ SCORING_DEFAULTS = {"harm_method": "signed-snip", "utility_method": "snip", "har
                     "utility_format": "pretrained"}
 SCORING_FORMATS = {*PROMPT_FORMATS, "model"}  # "model": the scored model's own [models.X] format
 SELECTION_KEYS = {"q", "p", "granularity"}
-METHODS = {"signed-snip", "snip", "wanda", "magnitude"}
 GRANULARITIES = {"matrix", "row", "global"}
 
 
@@ -260,7 +260,7 @@ def _scoring(t: dict[str, Any], data: dict[str, DataSpec], where: str) -> dict[s
     """The scoring table with every role's method and format resolved (``harm_method``, ``utility_format``, ...)."""
     _check_keys(t, SCORING_KEYS, "scoring.", where)
     out = {"max_length": 256, "batch_size": 4, "modules": None, **t}
-    for kind, allowed in (("method", METHODS), ("format", SCORING_FORMATS)):
+    for kind, allowed in (("method", set(SCORING_METHODS.names())), ("format", SCORING_FORMATS)):
         shared = t.get(kind)
         if shared is not None and (not isinstance(shared, str) or shared not in allowed):
             raise ConfigError(f"{where}: scoring.{kind} {shared!r} is not one of {sorted(allowed)}")

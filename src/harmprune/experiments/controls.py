@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from harmprune.control_masks import CONTROLS
+from harmprune.errors import ConfigError
 from harmprune.experiments import register_experiment
 from harmprune.experiments.executors import StageCall
 from harmprune.experiments.runner import Runner
@@ -15,7 +17,6 @@ from harmprune.stats import mean, relative_reduction
 
 PARAMS = {"models", "q", "p", "kinds", "seeds", "benign_task_data", "harm_evaluation", "harm_metric",
           "utility_evaluation", "utility_metric", "utility_scale"}
-KINDS = ("random", "magnitude-matched", "benign-task")
 
 
 @register_experiment("controls", PARAMS)
@@ -37,10 +38,9 @@ def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[st
     scale = float(params.get("utility_scale", 100.0))
     kinds = params.get("kinds", ["random", "magnitude-matched"])
     for k in kinds:
-        if k not in KINDS:
-            from harmprune.errors import ConfigError
-
-            raise ConfigError(f"experiments.controls.kinds: unknown control {k!r} (known: {', '.join(KINDS)})")
+        if k not in CONTROLS:
+            raise ConfigError(f"experiments.controls.kinds: unknown control {k!r} "
+                              f"(known: {', '.join(CONTROLS.names())})")
     seeds = params.get("seeds", [0, 1, 2])
     evals = list(dict.fromkeys([harm_eval] + ([util_eval] if util_eval else [])))
 
@@ -56,10 +56,10 @@ def control_model(runner: Runner, model: str, params: dict[str, Any]) -> dict[st
         return out
 
     harm_mask = runner.mask(model, q, p)
-    if "benign-task" in kinds and params.get("benign_task_data"):
+    if any(CONTROLS.get(k).needs == "scores" for k in kinds) and params.get("benign_task_data"):
         runner.prefetch([StageCall.of("scores", model, params.get("benign_task_data"), "harm")])
     control_masks = {(kind, seed): runner.control(harm_mask, kind, seed, model, params.get("benign_task_data"))
-                     for kind in kinds for seed in ([0] if kind == "benign-task" else seeds)}
+                     for kind in kinds for seed in (seeds if CONTROLS.get(kind).seeded else [0])}
     runner.prefetch([StageCall.of("evaluate", model, e, m)
                      for m in [None, harm_mask, *control_masks.values()] for e in evals])
     base = measure(None, "unpruned")

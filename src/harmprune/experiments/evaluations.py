@@ -1,8 +1,9 @@
 """Evaluation kinds a config can name (``[evaluations.<name>] kind = ...``), each a thin call into ``evals``.
 
-A kind declares the parameters it accepts (validated before any work) and a function
-``(runner, model, tokenizer, model_name, spec, out_dir) -> flat metrics``; kinds that generate text also write
-``out_dir/generations.jsonl``.
+A kind is a function ``(runner, model, tokenizer, model_name, spec, out_dir) -> flat metrics`` registered with
+``@register_evaluation(kind, params)``, the parameters it accepts (validated before any work); kinds that generate
+text also write ``out_dir/generations.jsonl``. A new kind is a function in any module of ``harmprune.experiments``,
+or in another distribution's module named by an entry point in the group ``harmprune.evaluation_kinds``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harmprune.generation import write_generations
+from harmprune.registry import Registry
 
 GEN_KEYS = {"max_new_tokens", "batch_size"}
 
@@ -22,6 +24,24 @@ class EvaluationKind:
     run: Callable[..., dict[str, Any]]
 
 
+EVALUATIONS: Registry[EvaluationKind] = Registry("evaluation kind", "harmprune.evaluation_kinds", "register_evaluation",
+                                                 ["harmprune.experiments"])
+
+
+def register_evaluation(kind: str, params: set[str]):
+    def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        EVALUATIONS.add(kind, EvaluationKind(frozenset(params), fn), source=fn)
+        return fn
+
+    return deco
+
+
+@register_evaluation("harm", {"data", "judge", "judge_base_url", "judge_model", "judge_api_key_env",
+                              "judge_concurrency", "judge_prompt_file", "judge_base_model", "judge_adapter",
+                              "judge_batch_size", "judge_dtype", "judge_max_new_tokens", "prefill_tokens",
+                              "judge_timeout", "judge_max_retries",
+                              "prefill_from", "do_sample", "temperature", "top_p", "n_samples",
+                              "extra_judges"} | GEN_KEYS)
 def _harm(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     from harmprune.evals.harm import evaluate_harm
     from harmprune.judges import get_judge
@@ -46,6 +66,7 @@ def _batch_tokens(spec: dict[str, Any]) -> int:
     return int(spec.get("max_batch_tokens", DEFAULT_BATCH_TOKENS))
 
 
+@register_evaluation("likelihood", {"data", "benign_data", "max_length", "batch_size", "max_batch_tokens"})
 def _likelihood(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     from harmprune.evals.likelihood import harmful_likelihood, likelihood_gap
 
@@ -58,6 +79,7 @@ def _likelihood(runner, model, tok, model_name, spec, out: Path) -> dict[str, An
     return harmful
 
 
+@register_evaluation("utility", {"mmlu", "subjects", "limit", "k_shot", "ppl_file", "ppl_data", "batch_size"})
 def _utility(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     from harmprune.evals.utility import mmlu_accuracy, perplexity_of_responses, perplexity_of_text, read_text
 
@@ -74,6 +96,8 @@ def _utility(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     return metrics
 
 
+@register_evaluation("recognition", {"harmful", "benign", "explanation", "refusal", "judge", "judge_model",
+                                     "max_batch_tokens"} | GEN_KEYS)
 def _recognition(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     from harmprune.evals.recognition import detection, explanation, refusal_rate
 
@@ -102,6 +126,7 @@ def _recognition(runner, model, tok, model_name, spec, out: Path) -> dict[str, A
     return metrics
 
 
+@register_evaluation("accuracy", {"data", "match"} | GEN_KEYS)
 def _accuracy(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     """Exact-answer accuracy: the generated answer must equal the data set's reference response."""
     from harmprune.generation import generate
@@ -121,39 +146,24 @@ def _accuracy(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]
     return {"accuracy": correct / len(records), "n": len(records)}
 
 
-KINDS: dict[str, EvaluationKind] = {
-    "harm": EvaluationKind(frozenset({"data", "judge", "judge_base_url", "judge_model", "judge_api_key_env",
-                                      "judge_concurrency", "judge_prompt_file", "judge_base_model", "judge_adapter",
-                                      "judge_batch_size", "judge_dtype", "judge_max_new_tokens", "prefill_tokens",
-                                      "judge_timeout", "judge_max_retries",
-                                      "prefill_from", "do_sample", "temperature", "top_p", "n_samples",
-                                      "extra_judges"} | GEN_KEYS), _harm),
-    "likelihood": EvaluationKind(frozenset({"data", "benign_data", "max_length", "batch_size", "max_batch_tokens"}),
-                                 _likelihood),
-    "utility": EvaluationKind(frozenset({"mmlu", "subjects", "limit", "k_shot", "ppl_file", "ppl_data",
-                                         "batch_size"}), _utility),
-    "recognition": EvaluationKind(frozenset({"harmful", "benign", "explanation", "refusal", "judge", "judge_model",
-                                            "max_batch_tokens"}
-                                            | GEN_KEYS),
-                                  _recognition),
-    "accuracy": EvaluationKind(frozenset({"data", "match"} | GEN_KEYS), _accuracy),
-}
-
-
 def evaluation_kinds() -> dict[str, set[str]]:
-    return {k: set(v.params) for k, v in KINDS.items()}
+    return {k: set(EVALUATIONS.get(k).params) for k in EVALUATIONS.names()}
 
 
 def run_evaluation(runner, model, tok, model_name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    return KINDS[spec["kind"]].run(runner, model, tok, model_name, spec, out)
+    return EVALUATIONS.get(spec["kind"]).run(runner, model, tok, model_name, spec, out)
 
 
 # ---------------------------------------------------------------------------------------------- Experiments II
 
 
+@register_evaluation("em", {"data", "judge", "judge_backend", "judge_model", "judge_base_url",
+                            "judge_api_key_env", "judge_prompts_file", "judge_concurrency",
+                            "judge_batch_size", "judge_dtype", "judge_max_new_tokens", "judge_scoring",
+                            "judge_timeout", "judge_max_retries",
+                            "do_sample", "temperature", "top_p", "n_samples"} | GEN_KEYS)
 def _em(runner, model, tok, model_name, spec, out: Path) -> dict[str, Any]:
     """Broad misalignment: sampled answers to out-of-domain questions, graded aligned/coherent by an EM judge."""
-    import harmprune.judges.em  # noqa: F401  (registers the em judges)
     from harmprune.generation import generate, judge_generations
     from harmprune.judges import get_judge
     from harmprune.stats import wilson_interval
@@ -201,10 +211,3 @@ def em_summary(verdicts: list[dict[str, Any]], categories: list[str | None], int
         flags = [bool(v["misaligned"]) for v, c in zip(verdicts, categories) if c == cat]
         out[f"misaligned_rate/{cat}"] = sum(flags) / len(flags)
     return out
-
-
-KINDS["em"] = EvaluationKind(frozenset({"data", "judge", "judge_backend", "judge_model", "judge_base_url",
-                                        "judge_api_key_env", "judge_prompts_file", "judge_concurrency",
-                                        "judge_batch_size", "judge_dtype", "judge_max_new_tokens", "judge_scoring",
-                                        "judge_timeout", "judge_max_retries",
-                                        "do_sample", "temperature", "top_p", "n_samples"} | GEN_KEYS), _em)
