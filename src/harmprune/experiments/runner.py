@@ -200,6 +200,7 @@ class Runner:
         scored the same way is one file whichever role asks for it.
         """
         from harmprune.attribution import compute_scores, save_scores
+        from harmprune.scoring_methods import scoring_method
 
         data_name = self.data_for(model_name, data_name)
         sc = self.config.scoring
@@ -207,12 +208,13 @@ class Runner:
         method, fmt = method or role_method, fmt or role_fmt
         params = {"model": self.model_hash(model_name), "data": self.data_hash(data_name), "method": method,
                   "format": fmt, "max_length": sc["max_length"], "modules": sc["modules"]}
-        if method == "magnitude":
+        needs_data = scoring_method(method).needs_data
+        if not needs_data:
             params["data"] = None
 
         def build(d: Path) -> None:
             model, tok = self.model(model_name)
-            records = [] if method == "magnitude" else [r for r in self.records(data_name) if r.response]
+            records = [r for r in self.records(data_name) if r.response] if needs_data else []
             scores = compute_scores(model, tok, records, method, fmt=fmt, max_length=sc["max_length"],
                                     batch_size=sc["batch_size"], modules=sc["modules"])
             scores.metadata.update({"model": self.run_relative(self.model_path(model_name)), "data": data_name})
