@@ -99,7 +99,8 @@ def walk(parser, path=()):
             for name, sub in action.choices.items():
                 yield from walk(sub, path + (name,))
         elif action.choices:
-            yield " ".join(path), action.option_strings[-1] if action.option_strings else action.dest, list(action.choices)
+            option = action.option_strings[-1] if action.option_strings else action.dest
+            yield " ".join(path), option, list(action.choices)
 
 print(json.dumps([list(x) for x in walk(build_parser())]))
 '''

@@ -86,7 +86,8 @@ def test_registering_again_from_the_same_source_replaces_from_another_is_an_erro
     def other():
         return 3
 
-    with pytest.raises(HarmpruneError, match="widget 'w' is registered twice: by .*make.<locals>.plugin and by .*other"):
+    twice = "widget 'w' is registered twice: by .*make.<locals>.plugin and by .*other"
+    with pytest.raises(HarmpruneError, match=twice):
         reg.register("w")(other)
 
 
@@ -128,8 +129,9 @@ def write_distribution(site, dist: str, entry_points: dict[str, dict[str, str]],
     info = site / f"{dist}-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("".join(
-        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()) for group, entries in entry_points.items()))
+    sections = [f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items())
+                for group, entries in entry_points.items()]
+    (info / "entry_points.txt").write_text("".join(sections))
 
 
 def test_entry_points_are_listed_unimported_loaded_on_use_and_never_override_a_builtin(package, tmp_path,
