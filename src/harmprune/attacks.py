@@ -16,8 +16,9 @@ import random
 from typing import Sequence
 
 from harmprune.data import Record
-from harmprune.errors import DataError
+from harmprune.errors import DataError, HarmpruneError
 from harmprune.formatting import PromptFormat
+from harmprune.scoring_methods import scoring_method
 from harmprune.selection import Mask, select
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ def refusal_ablation_mask(
     """
     from harmprune.attribution import compute_scores
 
+    if not scoring_method(method).needs_data:
+        raise HarmpruneError(f"refusal ablation scores refusal pairs; the {method} method reads no data")
     pairs = list(refusals) if refusals is not None else refusal_pairs(harmful_prompts, seed=seed)
     kw = dict(fmt=fmt, max_length=max_length, batch_size=batch_size, modules=modules, progress=progress)
     refusal_scores = compute_scores(model, tokenizer, pairs, method, **kw)

@@ -1,12 +1,15 @@
 """Attribution scores: how much each weight supports the model's loss on a data set.
 
-Methods (all stored raw; the direction that counts as "supports harmful generation" is decided at selection):
+Methods are plug-ins of :mod:`harmprune.scoring_methods`, one module each (all stored raw; the direction that
+counts as "supports harmful generation" is decided at selection):
 
 * ``signed-snip``: W ⊙ Σ_i ∇_W L_i. Zeroing weight w changes the summed loss by about −(stored value), so the
   weights whose removal most *raises* the loss have the most negative scores.
 * ``snip``: |W| ⊙ Σ_i |∇_W L_i|, the absolute value taken per example (Wei et al. 2024).
 * ``wanda``: |W_jk| · ‖X_k‖₂, with X the layer's inputs at response positions.
 * ``magnitude``: |W|.
+
+This module is the one calibration loop they share.
 
 L_i is the mean next-token NLL over example i's response tokens. One forward and one backward per batch cover
 every scored module; gradients are folded into float32 accumulators by hooks as soon as they are produced, so no
@@ -24,10 +27,10 @@ squares, before the square root).
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -44,9 +47,9 @@ from harmprune.formatting import (IGNORE_INDEX, PromptFormat, collate_for_loss, 
                                   warn_prompt_cuts)
 from harmprune.formatting import per_example_response_nll, plain_lm_head, response_nll
 from harmprune.models import model_id
+from harmprune.scoring_methods import ScoringMethod, scoring_method
 from harmprune.tensorfile import TensorFile, save_tensors
 
-METHODS = ("signed-snip", "snip", "wanda", "magnitude")
 # Every nn.Linear weight inside the decoder blocks (Llama, Qwen, Mistral, Gemma, GPT-NeoX style names).
 DEFAULT_MODULES = r"(^|\.)(layers|h|blocks)\.\d+\..*"
 
@@ -99,8 +102,7 @@ def compute_scores(
     torchrun's environment) one, False scores in this process alone. Every rank passes the same records; an
     FSDP2-sharded model returns on each rank only the score tensors that rank's shard file will hold.
     """
-    if method not in METHODS:
-        raise HarmpruneError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    scorer = scoring_method(method)
     ctx = _job(model, distributed)
     sharded = ctx is not None and is_sharded(model)
     params = scored_parameters(model, modules)
@@ -111,11 +113,11 @@ def compute_scores(
         "modules": modules or DEFAULT_MODULES,
         "dtype": str(next(iter(params.values())).dtype).removeprefix("torch."),
     }
-    if method == "magnitude":
-        tensors = {n: local(p).detach().float().abs() for n, p in params.items()}
+    if scorer.passes == "none":
+        tensors = {n: scorer.finalise(local(p).detach().float(), None) for n, p in params.items()}
         return _result(tensors, params, {**meta, "examples": 0, "tokens": 0}, ctx if sharded else None)
-    if gradient_checkpointing and method != "signed-snip":
-        raise HarmpruneError("gradient checkpointing re-runs forward hooks; it is only supported for signed-snip")
+    if gradient_checkpointing and not scorer.checkpointing:
+        raise HarmpruneError(f"gradient checkpointing re-runs forward hooks; the {method} method does not support it")
 
     encoded = [_encode(tokenizer, r, fmt, max_length, i) for i, r in enumerate(records)]
     warn_prompt_cuts(encoded, max_length, "scored pairs")
@@ -124,12 +126,12 @@ def compute_scores(
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     # Sharded ranks all-gather weights in every pass, so a rank with fewer examples runs zero-weight passes.
     n_passes = batches_per_rank(len(order), ctx.world, batch_size) if sharded else len(batches)
-    accumulators = _accumulators(method, params)
+    accumulators = _accumulators(scorer, params)
     reduce_rows, group = None, None
-    if sharded and method == "snip":
+    backward = scorer.passes == "backward"
+    if sharded and backward and not scorer.weight_gradients:  # whole-matrix sums built by the method's hooks
         group = torch.distributed.new_group(backend=torch.distributed.get_backend())  # apart from FSDP's traffic
         reduce_rows = lambda full: reduce_scatter_rows(full, ctx, group)  # noqa: E731
-    collector = {"signed-snip": _GradientSum, "snip": _AbsExampleGradientSum, "wanda": _InputNormSum}[method]
     n_tokens = 0
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
@@ -138,19 +140,19 @@ def compute_scores(
     def collate(chosen: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in collate_for_loss([encoded[i] for i in chosen], pad).items()}
 
-    if method != "wanda" and not sharded and batches:
+    if backward and not sharded and batches:
         # The loss's one-time head check runs forwards of its own: run it before any scoring hook exists, so no
         # hook ever sees a forward that is not a scoring pass (whatever this model ran before, in any order).
         plain_lm_head(model, collate(batches[0]))
-    with _scoring_mode(model, params, method, checkpointing=gradient_checkpointing):
-        with collector(model, params, accumulators, reduce_rows) as hooks:
+    with _scoring_mode(model, params, scorer, checkpointing=gradient_checkpointing):
+        with scorer.collector(model, params, accumulators, reduce_rows) as hooks:
             for j in tqdm(range(n_passes), desc=f"scoring ({method})", disable=not show, unit="batch"):
                 real = j < len(batches)
                 batch = collate(batches[j] if real else order[:1])
                 response = batch["labels"] != IGNORE_INDEX
                 n_tokens += int(response.sum()) if real else 0
                 hooks.begin_batch(response if real else torch.zeros_like(response))
-                if method == "wanda":
+                if not backward:
                     with torch.no_grad():
                         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 else:
@@ -159,10 +161,10 @@ def compute_scores(
     if group is not None:
         torch.distributed.destroy_process_group(group)
     if ctx is not None:
-        if not sharded or method == "wanda":  # sharded gradients were already summed by FSDP / the snip hooks
+        if not sharded or not backward:  # sharded gradients were already summed by FSDP / the method's hooks
             all_reduce_sum_(accumulators.values())
         n_tokens = sum_count(n_tokens, device)
-    tensors = _finalise(method, params, accumulators)
+    tensors = {n: scorer.finalise(local(p).detach().float(), accumulators.pop(n)) for n, p in params.items()}
     meta.update({"examples": len(records), "tokens": n_tokens, "prompt_format": fmt, "max_length": max_length,
                  "data_sha256": records_digest(records)})
     return _result(tensors, params, meta, ctx if sharded else None)
@@ -229,9 +231,9 @@ def _result(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter], m
     return Scores(mine, meta, owners=owner_of)
 
 
-def _accumulators(method: str, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+def _accumulators(scorer: ScoringMethod, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """float32 sums: this rank's rows of each weight's gradient sum, or (wanda) each input feature's Σ x²."""
-    if method == "wanda":
+    if scorer.per_feature:
         return {n: torch.zeros(p.shape[1], dtype=torch.float32, device=p.device) for n, p in params.items()}
     return {n: torch.zeros(local(p).shape, dtype=torch.float32, device=local(p).device) for n, p in params.items()}
 
@@ -248,19 +250,20 @@ def _encode(tokenizer, record: Record, fmt: PromptFormat, max_length: int, i: in
 
 
 @contextmanager
-def _scoring_mode(model: nn.Module, params: dict[str, nn.Parameter], method: str, checkpointing: bool):
+def _scoring_mode(model: nn.Module, params: dict[str, nn.Parameter], scorer: ScoringMethod, checkpointing: bool):
     """Set which tensors need gradients, restoring every flag afterwards.
 
-    signed-snip needs the scored weights' gradients only; snip needs activation gradients only (it builds weight
-    gradients itself), so the embedding output is made to require grad and no weight gradient is computed.
+    A method with ``weight_gradients`` (signed-snip) needs the scored weights' gradients only; another backward
+    method (snip) needs activation gradients only (it builds weight gradients itself), so the embedding output is
+    made to require grad and no weight gradient is computed.
     """
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     scored = {id(p) for p in params.values()}
     was_training = model.training
     for p in model.parameters():
-        p.requires_grad_(method == "signed-snip" and id(p) in scored)
+        p.requires_grad_(scorer.weight_gradients and id(p) in scored)
     embed_hook = None
-    if method == "snip":
+    if scorer.passes == "backward" and not scorer.weight_gradients:
         embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
     if checkpointing:
         _checkpointing(model, True)
@@ -289,121 +292,3 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-
-
-class _Collector:
-    """Hooks that fold one batch's contribution into float32 accumulators."""
-
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], acc: dict[str, torch.Tensor],
-                 reduce_rows=None):
-        self.model, self.params, self.acc = model, params, acc
-        self.reduce_rows = reduce_rows  # FSDP snip: Σ over ranks of a whole-matrix sum, this rank's rows kept
-        self.response_mask: torch.Tensor | None = None
-        self._stack = ExitStack()
-
-    def begin_batch(self, response_mask: torch.Tensor) -> None:
-        self.response_mask = response_mask
-
-    def __enter__(self) -> "_Collector":
-        self.install()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def install(self) -> None:
-        raise NotImplementedError
-
-    def _modules(self) -> Iterator[tuple[str, nn.Linear]]:
-        by_weight = {id(p): n for n, p in self.params.items()}
-        for module in self.model.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) in by_weight:
-                yield by_weight[id(module.weight)], module
-
-
-class _GradientSum(_Collector):
-    """signed-snip: Σ_i ∇_W L_i, taken from each parameter's gradient as soon as it is accumulated."""
-
-    def install(self) -> None:
-        for name, p in self.params.items():
-            handle = p.register_post_accumulate_grad_hook(self._hook(name))
-            self._stack.callback(handle.remove)
-
-    def _hook(self, name: str):
-        acc = self.acc[name]
-
-        def hook(p: torch.Tensor) -> None:
-            acc.add_(local(p.grad).float())  # FSDP2 runs this hook on the reduced, sharded gradient
-            p.grad = None
-
-        return hook
-
-
-class _AbsExampleGradientSum(_Collector):
-    """snip: Σ_i |∇_W L_i| from per-example Linear gradients G_i = δ_iᵀ X_i, built inside the backward pass."""
-
-    def install(self) -> None:
-        for name, module in self._modules():
-            handle = module.register_forward_hook(self._forward_hook(name))
-            self._stack.callback(handle.remove)
-
-    def _forward_hook(self, name: str):
-        acc = self.acc[name]
-
-        def forward_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if not torch.is_grad_enabled():
-                return  # a no-grad forward (a check, an evaluation) has no backward whose gradients to collect
-            x = inputs[0].detach()
-
-            def grad_hook(delta: torch.Tensor) -> None:
-                per_example = torch.einsum("bto,bti->boi", delta.float(), x.float())
-                total = per_example.abs_().sum(dim=0)
-                acc.add_(self.reduce_rows(total) if self.reduce_rows else total)
-
-            output.register_hook(grad_hook)
-
-        return forward_hook
-
-
-class _InputNormSum(_Collector):
-    """wanda: Σ over response positions of X_k², per input feature k of each Linear layer.
-
-    Its forwards run without grad, so a stray forward cannot be told apart by grad mode: each layer counts one
-    forward per batch, and a second one (anything else run while the hooks are installed) is an error rather
-    than a silently doubled sum.
-    """
-
-    def install(self) -> None:
-        self._counted: set[str] = set()
-        for name, module in self._modules():
-            handle = module.register_forward_hook(self._forward_hook(name))
-            self._stack.callback(handle.remove)
-
-    def begin_batch(self, response_mask: torch.Tensor) -> None:
-        super().begin_batch(response_mask)
-        self._counted = set()
-
-    def _forward_hook(self, name: str):
-        sq = self.acc[name]
-
-        def forward_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if name in self._counted:
-                raise RuntimeError(f"wanda: a second forward through {name} within one scoring batch")
-            self._counted.add(name)
-            x = inputs[0].detach()
-            mask = self.response_mask.to(x.device)
-            sq.add_(x[mask].float().pow(2).sum(dim=0))
-
-        return forward_hook
-
-
-def _finalise(method: str, params: dict[str, nn.Parameter], acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Scores from the sums, formed in the accumulators' own memory (wanda's are per-feature vectors)."""
-    out = {}
-    for name, p in params.items():
-        w = local(p).detach().float()  # the weight itself when it is float32: never modify it in place
-        if method == "wanda":
-            out[name] = w.abs() * acc.pop(name).sqrt_().unsqueeze(0)
-        else:
-            out[name] = acc.pop(name).mul_(w if method == "signed-snip" else w.abs())
-    return out

@@ -3,7 +3,8 @@
 Sizes come from the model's config (a local directory, a cached alias, or a built-in table of public
 ``config.json`` values for the study's models, so the plan works offline). All figures are estimates from the
 formulas below, in bytes; ``a`` is the compute dtype's size, T = batch × max_length tokens, L layers, h hidden
-size, i intermediate size, q and kv the query and key/value widths (heads × head_dim), V the vocabulary.
+size, i intermediate size, q and kv the query and key/value widths (heads × head_dim), V the vocabulary. Each
+term's method-specific part is read from the scoring method's attributes (:mod:`harmprune.scoring_methods`).
 
 * weights: parameters × a.
 * accumulators: one float32 per scored weight (signed-snip, snip); wanda keeps one float32 per input feature.
@@ -36,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harmprune.errors import ConfigError, ModelError
+from harmprune.scoring_methods import scoring_method
 
 GIB = 2**30
 USABLE = 0.9
@@ -213,9 +215,10 @@ def activation_bytes(shape: ModelShape, work: Workload, checkpointing: bool | No
     t, a, h = work.tokens, work.a, shape.hidden
     layer = t * (a * (4 * h + 4 * shape.q_dim + 3 * shape.kv_dim + 4 * shape.intermediate) + 4 * h)
     logits = t * shape.vocab * (a + 12)
-    if work.method == "magnitude":
+    passes = scoring_method(work.method).passes
+    if passes == "none":
         return 0
-    if work.method == "wanda":
+    if passes == "forward":
         return t * (2 * h + 2 * shape.intermediate) * a + t * shape.vocab * a
     if ckpt:
         return shape.layers * t * h * a + layer + logits
@@ -223,17 +226,13 @@ def activation_bytes(shape: ModelShape, work: Workload, checkpointing: bool | No
 
 
 def accumulator_bytes(shape: ModelShape, method: str) -> int:
-    if method == "wanda":
+    if scoring_method(method).per_feature:
         return 4 * shape.layers * sum(i for _, i in shape.linear_shapes().values())
     return 4 * shape.scored()
 
 
 def transient_bytes(shape: ModelShape, work: Workload) -> int:
-    if work.method == "signed-snip":
-        return shape.largest_matrix() * (work.a + 4)
-    if work.method == "snip":
-        return work.batch_size * shape.largest_matrix() * 4 + shape.largest_matrix() * 4
-    return 0
+    return scoring_method(work.method).transient_bytes(shape.largest_matrix(), work.batch_size, work.a)
 
 
 def single_gpu(shape: ModelShape, work: Workload, checkpointing: bool | None = None) -> dict[str, int]:
@@ -247,7 +246,7 @@ def fsdp_gpu(shape: ModelShape, work: Workload, n: int, checkpointing: bool | No
     a = work.a
     sharded = (shape.params() - shape.root_params()) * a / n
     gathered = shape.root_params() * a + 2 * shape.block_params() * a
-    grads = shape.scored_per_block() * (a + 4) if work.method == "signed-snip" else 0
+    grads = shape.scored_per_block() * (a + 4) if scoring_method(work.method).weight_gradients else 0
     return {"weights": math.ceil(sharded + gathered), "accumulators": math.ceil(accumulator_bytes(shape, work.method) / n),
             "activations": activation_bytes(shape, work, checkpointing),
             "transients": transient_bytes(shape, work) + grads}
@@ -293,7 +292,7 @@ def make_plan(shape: ModelShape, work: Workload, gpus: int = 1, gpu_memory: int 
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
     fits = lambda stages: sum(stages.values()) <= USABLE * gpu_memory  # noqa: E731
     single = single_gpu(shape, work)
-    ckpt_ok = work.method == "signed-snip" and not work.gradient_checkpointing
+    ckpt_ok = scoring_method(work.method).checkpointing and not work.gradient_checkpointing
     single_ckpt = single_gpu(shape, work, checkpointing=True) if ckpt_ok else None
     fsdp, n_fsdp, fsdp_ckpt = None, None, work.gradient_checkpointing
     if fits(single) or (single_ckpt and fits(single_ckpt)):

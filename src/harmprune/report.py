@@ -2,7 +2,8 @@
 
 Everything is rebuilt from ``summary.json`` and the results store, so ``harmprune report DIR`` reproduces the
 report of a finished (or half-finished) run without recomputing anything. Each experiment contributes a section
-through :func:`register_section`.
+through :func:`register_section` (here for the built-in experiments; an outside experiment's section is an entry
+point in the group ``harmprune.report_sections``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harmprune.io import atomic_write_text
+from harmprune.registry import Registry
 from harmprune.store import Store, recipe_of
 
 
@@ -26,15 +28,14 @@ class Section:
     figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
 
 
-_SECTIONS: dict[str, Callable[[dict[str, Any], Path], Section]] = {}
+SectionBuilder = Callable[[dict[str, Any], Path], Section]
+SECTIONS: Registry[SectionBuilder] = Registry("report section", "harmprune.report_sections", "register_section",
+                                              [__name__])
 
 
-def register_section(experiment: str):
-    def deco(fn: Callable[[dict[str, Any], Path], Section]):
-        _SECTIONS[experiment] = fn
-        return fn
-
-    return deco
+def register_section(experiment: str) -> Callable[[SectionBuilder], SectionBuilder]:
+    """Decorator: ``fn(result, fig_dir) -> Section`` renders the summary of the experiment called ``experiment``."""
+    return SECTIONS.register(experiment)
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -53,8 +54,8 @@ def build_report(run_dir: str | Path) -> Path:
     fig_dir.mkdir(exist_ok=True)
     sections = []
     for name, result in summary.get("experiments", {}).items():
-        if name in _SECTIONS:
-            sections.append(_SECTIONS[name](result, fig_dir))
+        if name in SECTIONS:
+            sections.append(SECTIONS.get(name)(result, fig_dir))
     samples = _answer_samples(run_dir)
     if samples.text:
         sections.append(samples)

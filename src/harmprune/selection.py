@@ -6,7 +6,7 @@ selected    = harm set minus utility set
 
 "Support" is how much removing a weight hurts the scored data: for ``signed-snip`` that is the most negative raw
 score (zeroing w changes the loss by about −score), for the absolute methods the largest score. Score files are
-stored raw; the direction is decided here, from each file's ``method`` metadata.
+stored raw; the direction is decided here, from each file's ``method`` metadata (the method's ``signed``).
 
 Counts are floor(fraction × size) per unit: per weight matrix (``matrix``, the default), per output row (``row``)
 or over all scored weights at once (``global``). Ties are broken by flat index, so results are deterministic.
@@ -35,10 +35,10 @@ import torch
 
 from harmprune import __version__
 from harmprune.errors import ScoreFileError
+from harmprune.scoring_methods import scoring_method
 from harmprune.tensorfile import TensorFile, save_tensors
 
 GRANULARITIES = ("matrix", "row", "global")
-SIGNED_METHODS = ("signed-snip",)
 
 
 @dataclass
@@ -75,7 +75,7 @@ def default_device() -> str:
 
 def support(scores: torch.Tensor, method: str) -> torch.Tensor:
     """How much each weight supports the scored behaviour (larger = removing it hurts more)."""
-    return -scores if method in SIGNED_METHODS else scores
+    return -scores if scoring_method(method).signed else scores
 
 
 def top_fraction(values: torch.Tensor, fraction: float, granularity: str = "matrix") -> torch.Tensor:
@@ -140,7 +140,8 @@ def select_grid(
     shapes = {n: _shape(harm, n) for n in names}
     harm_of = lambda n: _get(harm, n, device)  # noqa: E731
     util_of = lambda n: _get(utility, n, device)  # noqa: E731
-    h_neg, u_neg = harm_method in SIGNED_METHODS, utility_method in SIGNED_METHODS
+    h_neg = scoring_method(harm_method).signed
+    u_neg = utility is not None and scoring_method(utility_method).signed
     util_ps = [f for f in ps if f > 0] if utility is not None else []
     if granularity == "global":
         h = _global_sets(names, harm_of, shapes, qs, h_neg)

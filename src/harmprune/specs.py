@@ -11,7 +11,7 @@ are declared, cache keys can be built from them (:func:`references`) instead of 
     class ControlsParams:
         models: list[str] = param([], ref="model")
         seeds: list[int] = param([0, 1, 2])
-        kinds: list[str] = param(["random"], choices=CONTROL_KINDS)
+        kinds: list[str] = param(["random"], choices=CONTROLS.names())
         harm_evaluation: str = param("harm", ref="evaluation")
         harm_metric: str = param("harmfulness", metric_of="harm_evaluation")
 """

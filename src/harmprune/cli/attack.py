@@ -6,6 +6,7 @@ import argparse
 import json
 
 from harmprune.cli.common import add_format_args, add_model_args, load_model_from_args
+from harmprune.scoring_methods import SCORING_METHODS
 
 
 def add_commands(subparsers) -> None:
@@ -25,7 +26,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--n-examples", type=int, default=None, help="seeded sample of this many from each file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--own-refusals", action="store_true", help="use the model's own refusals as the targets")
-    p.add_argument("--method", default="signed-snip", choices=["signed-snip", "snip", "wanda"])
+    p.add_argument("--method", default="signed-snip", choices=SCORING_METHODS.names(),
+                   help="a method that scores data (not magnitude)")
     p.add_argument("--q", type=float, required=True, help="refusal fraction")
     p.add_argument("--p", type=float, default=0.0, help="utility fraction")
     p.add_argument("--granularity", default="matrix", choices=["matrix", "row", "global"])

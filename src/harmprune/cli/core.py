@@ -6,6 +6,8 @@ import argparse
 import json
 
 from harmprune.cli.common import add_data_args, add_format_args, add_model_args, load_data, load_model_from_args
+from harmprune.control_masks import CONTROLS
+from harmprune.scoring_methods import SCORING_METHODS
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +15,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_data_args(p)
     add_format_args(p, default_format="pretrained")
-    p.add_argument("--method", required=True, choices=["signed-snip", "snip", "wanda", "magnitude"],
+    p.add_argument("--method", required=True, choices=SCORING_METHODS.names(),
                    help="the study's pair: signed-snip for the harm set, snip for the utility set")
     p.add_argument("--modules", default=None, help="regex over parameter names (default: decoder-block Linears)")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -34,9 +36,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="harm fraction; several values select a sweep in one read of the files")
     p.add_argument("--p", type=float, nargs="+", default=[0.0], help="utility fraction (several: a sweep)")
     p.add_argument("--granularity", default="matrix", choices=["matrix", "row", "global"])
-    p.add_argument("--harm-method", default=None, choices=["signed-snip", "snip", "wanda", "magnitude"],
+    p.add_argument("--harm-method", default=None, choices=SCORING_METHODS.names(),
                    help="how to read the harm scores (default: the method in the file's metadata)")
-    p.add_argument("--utility-method", default=None, choices=["signed-snip", "snip", "wanda", "magnitude"],
+    p.add_argument("--utility-method", default=None, choices=SCORING_METHODS.names(),
                    help="how to read the utility scores (default: the method in the file's metadata)")
     p.add_argument("--device", default=None, help="where to select, e.g. cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True,
@@ -55,10 +57,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s = msub.add_parser("stats", help="counts per layer and module")
     s.add_argument("masks", nargs="+")
     s.set_defaults(func=cmd_mask_stats)
-    s = msub.add_parser("control", help="a random control mask with the same per-matrix counts")
+    s = msub.add_parser("control", help="a control mask with the same per-matrix counts")
     s.add_argument("mask")
-    s.add_argument("--kind", default="random", choices=["random", "magnitude-matched"])
+    s.add_argument("--kind", default="random", choices=CONTROLS.names())
     s.add_argument("--model", default=None, help="model whose |W| the magnitude-matched control follows")
+    s.add_argument("--scores", default=None, help="score file whose top weights the benign-task control takes")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_mask_control)
@@ -72,7 +75,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     ctx = distributed.init_distributed(args.device) if args.distributed or args.fsdp else None
     try:
-        records = load_data(args, require_response=args.method != "magnitude")
+        records = load_data(args, require_response=SCORING_METHODS.get(args.method).needs_data)
         if args.fsdp:
             model, tokenizer = distributed.load_sharded_model(args.model, args.dtype, ctx, args.load_concurrency)
         elif ctx is not None:
@@ -176,17 +179,23 @@ def cmd_mask_stats(args: argparse.Namespace) -> None:
 
 def cmd_mask_control(args: argparse.Namespace) -> None:
     from harmprune.errors import HarmpruneError
-    from harmprune.selection import load_mask, magnitude_matched_random, random_like, save_mask
+    from harmprune.selection import load_mask, save_mask
 
+    control = CONTROLS.get(args.kind)
     mask = load_mask(args.mask)
-    if args.kind == "random":
-        control = random_like(mask, args.seed)
-    else:
+    inputs = {}
+    if control.needs == "weights":
         if not args.model:
-            raise HarmpruneError("--kind magnitude-matched needs --model")
+            raise HarmpruneError(f"--kind {args.kind} needs --model")
         from harmprune.models import load_model
 
-        model, _ = load_model(args.model)
-        control = magnitude_matched_random(mask, dict(model.named_parameters()), args.seed)
-    save_mask(control, args.out, source_mask=args.mask)
-    print(f"wrote {args.out} ({control.count()} weights, {args.kind} control of {args.mask})")
+        inputs["weights"] = dict(load_model(args.model)[0].named_parameters())
+    if control.needs == "scores":
+        if not args.scores:
+            raise HarmpruneError(f"--kind {args.kind} needs --scores")
+        from harmprune.tensorfile import TensorFile
+
+        inputs["scores"] = TensorFile(args.scores)
+    ctrl = control.make(mask, args.seed, **inputs)
+    save_mask(ctrl, args.out, source_mask=args.mask)
+    print(f"wrote {args.out} ({ctrl.count()} weights, {args.kind} control of {args.mask})")

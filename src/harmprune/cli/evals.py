@@ -14,9 +14,8 @@ import time
 from typing import Any
 
 from harmprune.cli.common import add_data_args, add_format_args, add_model_args, load_data, load_model_from_args
+from harmprune.judges import JUDGES
 
-JUDGES = ("refusal", "harm-classifier", "strongreject", "strongreject-finetuned", "hf-judge", "organism", "em",
-          "organism-em")
 MEASURES = ("detection", "explanation", "refusal")
 TEXT_SUFFIXES = ("", ".txt", ".text", ".md")
 JUDGE_FLAGS = ("model", "base_model", "base_url", "api_key_env", "adapter", "timeout", "max_retries", "prompt_file")
@@ -104,7 +103,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_judge_args(p: argparse.ArgumentParser, default: str | None, help_default: str = "refusal") -> None:
-    p.add_argument("--judge", default=default, choices=JUDGES, help=f"judge (default: {help_default})")
+    p.add_argument("--judge", default=default, choices=JUDGES.names(), help=f"judge (default: {help_default})")
     p.add_argument("--judge-model", default=None,
                    help="strongreject, em: endpoint model name; hf-judge: local model spec; harm-classifier: trained "
                         "classifier directory; strongreject-finetuned: its base model (as --judge-base-model)")
@@ -195,7 +194,7 @@ def _evaluate(args: argparse.Namespace, kind: str, table: dict[str, Any], data: 
     from pathlib import Path
 
     from harmprune.evals import write_metrics
-    from harmprune.experiments.evaluations import KINDS, EvalInputs, run_evaluation
+    from harmprune.experiments.evaluations import EVALUATIONS, EvalInputs, run_evaluation
     from harmprune.judges import available_judges, judge_options
     from harmprune.pruning import pruned
     from harmprune.specs import Context, parse
@@ -203,7 +202,7 @@ def _evaluate(args: argparse.Namespace, kind: str, table: dict[str, Any], data: 
     start = time.time()
     ctx = Context(f"eval {kind}", names={"data": set(data), "judge": set(available_judges())},
                   options_spec=lambda ref, name: judge_options(name) if ref == "judge" else None)
-    spec = parse(KINDS[kind].spec, {k: v for k, v in table.items() if v is not None}, "", ctx)
+    spec = parse(EVALUATIONS.get(kind).spec, {k: v for k, v in table.items() if v is not None}, "", ctx)
     mask = _load_mask(args)
     model, tokenizer = load_model_from_args(args)
     out = Path(args.out)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from harmprune.experiments.executors import EXECUTORS
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the experiments of a TOML config (cached, resumable)")
     p.add_argument("config", help="experiment config (.toml)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
-    p.add_argument("--executor", default="local", choices=["local", "ray"],
+    p.add_argument("--executor", default="local", choices=EXECUTORS.names(),
                    help="where independent stages (scores, sweep evaluations) run: this process, or Ray tasks")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")

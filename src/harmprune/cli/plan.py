@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from harmprune.scoring_methods import SCORING_METHODS
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="memory per stage and a suggested launch (1 GPU, data-parallel or FSDP2)")
@@ -12,7 +14,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", type=int, default=1, help="GPUs available")
     p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (e.g. 80GiB, 141GB)")
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--method", default="signed-snip", choices=["signed-snip", "snip", "wanda", "magnitude"])
+    p.add_argument("--method", default="signed-snip", choices=SCORING_METHODS.names())
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512)

@@ -1,19 +1,21 @@
 """Experiments: each composes the runner's cached stages into one claim of the study.
 
 An experiment is a function ``run(runner, params) -> summary`` registered under a name with the spec of its
-parameters (a dataclass, :mod:`harmprune.specs`); the config's ``[experiments.<name>]`` tables choose which run
-and with what, and each table is checked against its spec before any experiment starts. :func:`run_config`
-validates the whole config first, runs the experiments in the order the config lists them, and writes
-``summary.json`` and the report.
+parameters (a dataclass, :mod:`harmprune.specs`): ``@register_experiment(name, ParamsClass)`` in one module of this
+package, or in another distribution's module named by an entry point in the group ``harmprune.experiments``. The
+config's ``[experiments.<name>]`` tables choose which run and with what, and each table is checked against its spec
+before any experiment starts. :func:`run_config` validates the whole config first, runs the experiments in the
+order the config lists them, and writes ``summary.json`` and the report.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from harmprune.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +28,19 @@ class Experiment:
     description: str
 
 
-_REGISTRY: dict[str, Experiment] = {}
-EXPERIMENT_MODULES = ("compression", "controls", "cross_category", "dissociation", "emergent_misalignment")
+EXPERIMENTS: Registry[Experiment] = Registry("experiment", "harmprune.experiments", "register_experiment", [__name__])
 
 
 def register_experiment(name: str, params: type, description: str = ""):
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        _REGISTRY[name] = Experiment(name, params, fn, description or (fn.__doc__ or "").strip())
+        EXPERIMENTS.add(name, Experiment(name, params, fn, description or (fn.__doc__ or "").strip()), source=fn)
         return fn
 
     return deco
 
 
 def experiments() -> dict[str, Experiment]:
-    for mod in EXPERIMENT_MODULES:
-        try:
-            importlib.import_module(f"harmprune.experiments.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"harmprune.experiments.{mod}":
-                raise
-    return dict(_REGISTRY)
+    return {name: EXPERIMENTS.get(name) for name in EXPERIMENTS.names()}
 
 
 def load_checked_config(path: str | Path):
@@ -78,12 +73,11 @@ def run_config(path: str | Path, out_dir: str | Path | None = None, executor: st
     out = Path(out_dir) if out_dir else Path("runs") / config.name
     runner = Runner(config, out, executor=make_executor(executor, **executor_options))
     atomic_write_text(out / "config.toml", Path(path).read_text(encoding="utf-8"))
-    registry = experiments()
     summary: dict[str, Any] = {"name": config.name, "experiments": {}}
     try:
         for name, params in config.experiments.items():
             log.info("experiment %s", name)
-            summary["experiments"][name] = registry[name].run(runner, params)
+            summary["experiments"][name] = EXPERIMENTS.get(name).run(runner, params)
             atomic_write_json(out / "summary.json", {**summary, **_headline(summary)})
     finally:
         runner.executor.close()

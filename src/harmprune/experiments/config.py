@@ -53,6 +53,7 @@ from typing import Any
 from harmprune.errors import ConfigError, ModelError
 from harmprune.formatting import PROMPT_FORMATS
 from harmprune.specs import Context, parse, parse_table
+from harmprune.scoring_methods import SCORING_METHODS
 
 TOP_KEYS = {"name", "seed", "dtype", "device", "models", "data", "scoring", "selection", "evaluations",
             "experiments", "report"}
@@ -71,7 +72,6 @@ SCORING_DEFAULTS = {"harm_method": "signed-snip", "utility_method": "snip", "har
                     "utility_format": "pretrained"}
 SCORING_FORMATS = {*PROMPT_FORMATS, "model"}  # "model": the scored model's own [models.X] format
 SELECTION_KEYS = {"q", "p", "granularity"}
-METHODS = {"signed-snip", "snip", "wanda", "magnitude"}
 GRANULARITIES = {"matrix", "row", "global"}
 DATA_TYPES = (("prompt_field", (str,), "a string"), ("response_field", (str,), "a string"),
               ("category_field", (str,), "a string"), ("category", (str, list), "a string or a list"),
@@ -177,21 +177,21 @@ def _context(where: str, base: Path, models: dict[str, ModelSpec], data: dict[st
 
 def _add_evaluations(ctx: Context, evaluations: dict[str, Evaluation]) -> None:
     """Let experiment specs name the evaluations, and their metrics be checked against each evaluation's kind."""
-    from harmprune.experiments.evaluations import KINDS
+    from harmprune.experiments.evaluations import EVALUATIONS
 
     ctx.names = {**ctx.names, "evaluation": set(evaluations)}
-    ctx.metrics = lambda e: KINDS[evaluations[e].kind].metrics(evaluations[e].spec) if e in evaluations else None
+    ctx.metrics = lambda e: EVALUATIONS.get(evaluations[e].kind).metrics(evaluations[e].spec) if e in evaluations else None
 
 
 def _evaluation(name: str, t: Any, ctx: Context) -> Evaluation:
-    from harmprune.experiments.evaluations import KINDS
+    from harmprune.experiments.evaluations import EVALUATIONS
 
     if not isinstance(t, dict) or "kind" not in t:
         raise ConfigError(f"{ctx.where}: evaluations.{name} must be a table with a 'kind'")
     kind = t["kind"]
-    if kind not in KINDS:
-        raise ConfigError(f"{ctx.where}: evaluations.{name}.kind {kind!r} is not one of {sorted(KINDS)}")
-    spec, table = parse_table(KINDS[kind].spec, {k: v for k, v in t.items() if k != "kind"},
+    if kind not in EVALUATIONS:
+        raise ConfigError(f"{ctx.where}: evaluations.{name}.kind {kind!r} is not one of {EVALUATIONS.names()}")
+    spec, table = parse_table(EVALUATIONS.get(kind).spec, {k: v for k, v in t.items() if k != "kind"},
                               f"evaluations.{name}.", ctx)
     return Evaluation(name, kind, spec, {"kind": kind, **table})
 
@@ -325,7 +325,7 @@ def _scoring(t: dict[str, Any], data: dict[str, DataSpec], where: str) -> dict[s
     if out["modules"] is not None and not (isinstance(out["modules"], list)
                                            and all(isinstance(m, str) for m in out["modules"])):
         raise ConfigError(f"{where}: scoring.modules {out['modules']!r} must be a list of strings")
-    for kind, allowed in (("method", METHODS), ("format", SCORING_FORMATS)):
+    for kind, allowed in (("method", set(SCORING_METHODS.names())), ("format", SCORING_FORMATS)):
         shared = t.get(kind)
         if shared is not None and (not isinstance(shared, str) or shared not in allowed):
             raise ConfigError(f"{where}: scoring.{kind} {shared!r} is not one of {sorted(allowed)}")

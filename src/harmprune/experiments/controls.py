@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from harmprune.control_masks import CONTROLS
 from harmprune.experiments import register_experiment
 from harmprune.experiments.executors import StageCall
-from harmprune.experiments.runner import CONTROL_KINDS, Runner
+from harmprune.experiments.runner import Runner
 from harmprune.specs import Invalid, param
 from harmprune.stats import mean, relative_reduction
 
@@ -21,7 +22,7 @@ class ControlsParams:
     models: list[str] = param([], ref="model")  # default: the first model
     q: float | None = param(None, at_least=0, at_most=1)  # default: the compression operating point, else the grid's
     p: float | None = param(None, at_least=0, at_most=1)
-    kinds: list[str] = param(["random", "magnitude-matched"], choices=CONTROL_KINDS)
+    kinds: list[str] = param(["random", "magnitude-matched"], choices=CONTROLS.names())
     seeds: list[int] = param([0, 1, 2])
     benign_task_data: str | None = param(None, ref="data", scored=True)
     harm_evaluation: str = param("harm", ref="evaluation")
@@ -31,8 +32,9 @@ class ControlsParams:
     utility_scale: float = 100.0
 
     def check(self) -> None:
-        if "benign-task" in self.kinds and not self.benign_task_data:
-            raise Invalid("benign_task_data", "the benign-task control needs a data set to score (benign_task_data)")
+        needing = [k for k in self.kinds if CONTROLS.get(k).needs == "scores"]
+        if needing and not self.benign_task_data:
+            raise Invalid("benign_task_data", f"the {needing[0]} control needs a data set to score (benign_task_data)")
 
 
 @register_experiment("controls", ControlsParams)
@@ -64,10 +66,10 @@ def control_model(runner: Runner, model: str, params: ControlsParams) -> dict[st
         return out
 
     harm_mask = runner.mask(model, q, p)
-    if "benign-task" in kinds:
+    if any(CONTROLS.get(k).needs == "scores" for k in kinds) and params.benign_task_data:
         runner.prefetch([StageCall.of("scores", model, params.benign_task_data, "harm")])
     control_masks = {(kind, seed): runner.control(harm_mask, kind, seed, model, params.benign_task_data)
-                     for kind in kinds for seed in ([0] if kind == "benign-task" else seeds)}
+                     for kind in kinds for seed in (seeds if CONTROLS.get(kind).seeded else [0])}
     runner.prefetch([StageCall.of("evaluate", model, e, m)
                      for m in [None, harm_mask, *control_masks.values()] for e in evals])
     base = measure(None, "unpruned")

@@ -7,6 +7,10 @@ evaluation reads. :func:`run_evaluation` is the one way an evaluation runs, from
 CLI: ``(spec, model, tokenizer, inputs, out_dir) -> flat metrics``; kinds that generate also write
 ``out_dir/generations.jsonl``. :class:`EvalInputs` is what they read besides the model: data sets by name, the
 prompt format and the seed.
+
+A kind is a function registered with ``@register_evaluation(kind, Spec, metrics)``: in any module of
+``harmprune.experiments``, or in another distribution's module named by an entry point in the group
+``harmprune.evaluation_kinds``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Callable, Collection, Mapping
 from harmprune.data import Record
 from harmprune.evals.scoring import DEFAULT_BATCH_TOKENS
 from harmprune.generation import write_generations
+from harmprune.registry import Registry
 from harmprune.specs import Invalid, options, param
 
 MATCHES = ("exact", "contains")
@@ -39,6 +44,19 @@ class EvaluationKind:
     spec: type
     run: Callable[..., dict[str, Any]]
     metrics: Callable[[Any], Collection[str] | None]  # the metric names a spec's run gives (None: not knowable)
+
+
+EVALUATIONS: Registry[EvaluationKind] = Registry("evaluation kind", "harmprune.evaluation_kinds", "register_evaluation",
+                                                 ["harmprune.experiments"])
+
+
+def register_evaluation(kind: str, spec: type, metrics: Callable[[Any], Collection[str] | None]):
+    """Register ``fn(spec, model, tokenizer, inputs, out_dir) -> metrics`` as evaluation kind ``kind``."""
+    def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        EVALUATIONS.add(kind, EvaluationKind(spec, fn, metrics), source=fn)
+        return fn
+
+    return deco
 
 
 # ---------------------------------------------------------------------------------------------- harm
@@ -66,6 +84,7 @@ HARM_METRICS = {"harmfulness", "refusal_rate", "harmful_rate", "n", "n_prompts",
                 "mean_new_tokens"}
 
 
+@register_evaluation("harm", HarmSpec, lambda spec: HARM_METRICS)
 def _harm(spec: HarmSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.evals.harm import evaluate_harm
     from harmprune.judges import get_judge
@@ -105,6 +124,7 @@ def _likelihood_metrics(spec: LikelihoodSpec) -> set[str]:
             | {"nll_gap", "nll_per_example_gap"})
 
 
+@register_evaluation("likelihood", LikelihoodSpec, _likelihood_metrics)
 def _likelihood(spec: LikelihoodSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.evals.likelihood import harmful_likelihood, likelihood_gap
 
@@ -153,6 +173,7 @@ def _utility_metrics(spec: UtilitySpec) -> set[str] | None:
     return out  # lm-eval metrics are named lmeval/<task>/<metric>: not checked
 
 
+@register_evaluation("utility", UtilitySpec, _utility_metrics)
 def _utility(spec: UtilitySpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.evals.utility import (lm_eval_adapter, mmlu_accuracy, perplexity_of_responses,
                                          perplexity_of_text, read_text)
@@ -207,6 +228,7 @@ def _recognition_metrics(spec: RecognitionSpec) -> set[str]:
     return out
 
 
+@register_evaluation("recognition", RecognitionSpec, _recognition_metrics)
 def _recognition(spec: RecognitionSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.evals.recognition import detection, explanation, refusal_rate
     from harmprune.judges import get_judge
@@ -253,6 +275,7 @@ class AccuracySpec:
     batch_size: int = param(16, at_least=1)
 
 
+@register_evaluation("accuracy", AccuracySpec, lambda spec: {"accuracy", "n"})
 def _accuracy(spec: AccuracySpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.generation import generate
 
@@ -292,6 +315,7 @@ EM_METRICS = {"misaligned_rate", "misaligned_n", "n", "misaligned_ci_low", "misa
               "mean_coherent", "coherent_rate", "refusal_rate"}
 
 
+@register_evaluation("em", EMSpec, lambda spec: EM_METRICS)
 def _em(spec: EMSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     from harmprune.generation import generate, judge_generations
     from harmprune.judges import get_judge
@@ -337,28 +361,18 @@ def em_summary(verdicts: list[dict[str, Any]], categories: list[str | None], int
     return out
 
 
-# ---------------------------------------------------------------------------------------------- registry
-
-
-KINDS: dict[str, EvaluationKind] = {
-    "harm": EvaluationKind(HarmSpec, _harm, lambda spec: HARM_METRICS),
-    "likelihood": EvaluationKind(LikelihoodSpec, _likelihood, _likelihood_metrics),
-    "utility": EvaluationKind(UtilitySpec, _utility, _utility_metrics),
-    "recognition": EvaluationKind(RecognitionSpec, _recognition, _recognition_metrics),
-    "accuracy": EvaluationKind(AccuracySpec, _accuracy, lambda spec: {"accuracy", "n"}),
-    "em": EvaluationKind(EMSpec, _em, lambda spec: EM_METRICS),
-}
+# ---------------------------------------------------------------------------------------------- running
 
 
 def kind_of(spec: Any) -> str:
     """The kind name of an evaluation spec."""
-    return next(name for name, kind in KINDS.items() if isinstance(spec, kind.spec))
+    return next(name for name in EVALUATIONS.names() if isinstance(spec, EVALUATIONS.get(name).spec))
 
 
 def run_evaluation(spec: Any, model, tok, inputs: EvalInputs, out: Path) -> dict[str, Any]:
     """Run one evaluation (a spec of any kind) on ``model`` as it is (pruned or not); write per-item files to
     ``out``; return its flat metrics."""
-    return KINDS[kind_of(spec)].run(spec, model, tok, inputs, out)
+    return EVALUATIONS.get(kind_of(spec)).run(spec, model, tok, inputs, out)
 
 
 def judge_files(spec: Any) -> dict[str, str]:

@@ -8,7 +8,9 @@ resource requests; each task rebuilds a runner on the same run directory and com
 content-hash cache, so the sequential code afterwards only reads cached outputs. A failed task leaves no output
 (stages are written atomically): the error names the stage, and rerunning the config computes only what is missing.
 
-On a multi-node cluster the run directory must be on a file system every node sees.
+On a multi-node cluster the run directory must be on a file system every node sees. Another executor is a class
+registered with ``@register_executor(name)`` (here, or in a module named by an entry point in the group
+``harmprune.executors``) whose instances have ``run(runner, calls)`` and ``close()``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from harmprune.errors import ConfigError, HarmpruneError
+from harmprune.registry import Registry
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("local", "ray")
+EXECUTORS: Registry[type] = Registry("executor", "harmprune.executors", "register_executor", [__name__], ConfigError)
+
+
+def register_executor(name: str) -> Callable[[type], type]:
+    return EXECUTORS.register(name)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class StageCall:
         return f"{self.method}({', '.join(args)})"
 
 
+@register_executor("local")
 class LocalExecutor:
     """Stages run in this process, in order, when the experiment reaches them."""
 
@@ -57,6 +65,7 @@ class LocalExecutor:
         return None
 
 
+@register_executor("ray")
 @dataclass
 class RayExecutor:
     """Independent stages as Ray tasks, each asking for ``num_cpus`` CPUs and ``num_gpus`` GPUs.
@@ -117,12 +126,9 @@ class RayExecutor:
 
 
 def make_executor(name: str = "local", **options: Any):
-    """The executor called ``name`` with ``options`` (Ray: address, num_cpus, num_gpus, max_retries)."""
-    if name == "local":
-        return LocalExecutor()
-    if name == "ray":
-        return RayExecutor(**{k: v for k, v in options.items() if v is not None})
-    raise ConfigError(f"unknown executor {name!r} (known: {', '.join(EXECUTORS)})")
+    """The executor called ``name`` with the ``options`` that are given (Ray: address, num_cpus, num_gpus,
+    max_retries; local: none)."""
+    return EXECUTORS.get(name)(**{k: v for k, v in options.items() if v is not None})
 
 
 def _run_stage(rebuild: Callable[[dict[str, Any]], Any], state: dict[str, Any], call: StageCall) -> dict[str, int]:

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 # Bump a stage's version when its semantics change, so old cached outputs are not reused.
 STAGE_VERSIONS = {"scores": 1, "mask": 1, "control": 1, "evaluate": 1, "finetune": 1}
-CONTROL_KINDS = ("random", "magnitude-matched", "benign-task")
 
 
 def stable_hash(obj: Any) -> str:
@@ -201,6 +200,7 @@ class Runner:
         scored the same way is one file whichever role asks for it.
         """
         from harmprune.attribution import compute_scores, save_scores
+        from harmprune.scoring_methods import scoring_method
 
         data_name = self.data_for(model_name, data_name)
         sc = self.config.scoring
@@ -208,12 +208,13 @@ class Runner:
         method, fmt = method or role_method, fmt or role_fmt
         params = {"model": self.model_hash(model_name), "data": self.data_hash(data_name), "method": method,
                   "format": fmt, "max_length": sc["max_length"], "modules": sc["modules"]}
-        if method == "magnitude":
+        needs_data = scoring_method(method).needs_data
+        if not needs_data:
             params["data"] = None
 
         def build(d: Path) -> None:
             model, tok = self.model(model_name)
-            records = [] if method == "magnitude" else [r for r in self.records(data_name) if r.response]
+            records = [r for r in self.records(data_name) if r.response] if needs_data else []
             scores = compute_scores(model, tok, records, method, fmt=fmt, max_length=sc["max_length"],
                                     batch_size=sc["batch_size"], modules=sc["modules"])
             scores.metadata.update({"model": self.run_relative(self.model_path(model_name)), "data": data_name})
@@ -274,30 +275,29 @@ class Runner:
 
     def control(self, mask_path: Path, kind: str, seed: int, model_name: str,
                 benign_data: str | None = None) -> Path:
-        """A control mask with ``mask_path``'s per-matrix counts: random, magnitude-matched, or a benign task's."""
-        from harmprune.selection import load_mask, magnitude_matched_random, random_like, save_mask, select_counts
+        """A control mask with ``mask_path``'s per-matrix counts, of a kind of :mod:`harmprune.control_masks`:
+        random, magnitude-matched (the model's weights), or a benign task's (``benign_data``'s scores)."""
+        from harmprune.control_masks import CONTROLS
+        from harmprune.selection import load_mask, save_mask
         from harmprune.tensorfile import TensorFile
 
-        if kind not in CONTROL_KINDS:
-            raise ConfigError(f"unknown control kind {kind!r}; expected one of {', '.join(CONTROL_KINDS)}")
+        control = CONTROLS.get(kind)
         params: dict[str, Any] = {"mask": sha256_file(mask_path), "kind": kind, "seed": seed}
-        if kind == "magnitude-matched":
+        if control.needs == "weights":
             params["model"] = self.model_hash(model_name)
-        if kind == "benign-task":
+        if control.needs == "scores":
             if not benign_data:
-                raise ConfigError("a benign-task control needs benign_data (a data set name)")
+                raise ConfigError(f"a {kind} control needs benign_data (a data set name)")
             benign_scores = self.scores(model_name, benign_data, "harm")  # the harm set's recipe, other data
             params["benign_scores"] = sha256_file(benign_scores)
 
         def build(d: Path) -> None:
-            mask = load_mask(mask_path)
-            if kind == "random":
-                ctrl = random_like(mask, seed)
-            elif kind == "magnitude-matched":
-                model, _ = self.model(model_name)
-                ctrl = magnitude_matched_random(mask, dict(model.named_parameters()), seed)
-            else:
-                ctrl = select_counts(TensorFile(benign_scores), mask.counts())
+            inputs: dict[str, Any] = {}
+            if control.needs == "weights":
+                inputs["weights"] = dict(self.model(model_name)[0].named_parameters())
+            if control.needs == "scores":
+                inputs["scores"] = TensorFile(benign_scores)
+            ctrl = control.make(load_mask(mask_path), seed, **inputs)
             save_mask(ctrl, d / "mask.safetensors", source_mask=self.run_relative(mask_path))
 
         return self.stage("control", params, build, "mask.safetensors") / "mask.safetensors"
