@@ -149,3 +149,29 @@ def test_pretrained_format_is_prompt_newline_response_without_bos():
     assert encode_pair(tok, "hi there", "ok.", "raw").input_ids[0] == tok.bos_token_id  # raw keeps BOS
     labels = collate_for_loss([enc], pad_id=0)["labels"][0]
     assert tok.decode(labels[labels != -100]) == "ok."  # the loss covers exactly the response's own tokens
+
+
+def test_selection_defaults_to_the_studys_operating_point(tmp_path, capsys):
+    """Without [selection] q/p, a config selects at q = 1e-5 and p = 5e-5 (p = 0 without a utility set); so does
+    `select` without --q/--p (p = 0 without --utility)."""
+    import torch
+
+    from harmprune.cli import main
+    from harmprune.selection import load_mask
+    from harmprune.tensorfile import save_tensors
+
+    assert {k: _config(tmp_path, "").selection[k] for k in ("q", "p")} == {"q": [1e-5], "p": [5e-5]}
+    no_utility = tmp_path / "n.toml"
+    no_utility.write_text(BASE.format(scoring="").replace('utility = "benign"\n', ""))
+    assert load_checked_config(no_utility).selection["p"] == [0.0]
+
+    g = torch.Generator().manual_seed(0)
+    save_tensors({"w": torch.randn(400, 1000, generator=g)}, tmp_path / "h.safetensors", {"method": "signed-snip"})
+    save_tensors({"w": torch.randn(400, 1000, generator=g)}, tmp_path / "u.safetensors", {"method": "snip"})
+    for extra, p in (([], 5e-5), (["--p", "0"], 0.0)):
+        out = tmp_path / f"m{len(extra)}.safetensors"
+        assert main(["select", "--harm", str(tmp_path / "h.safetensors"), "--utility", str(tmp_path / "u.safetensors"),
+                     "--out", str(out), *extra]) == 0
+        assert (load_mask(out).metadata["q"], load_mask(out).metadata["p"]) == (1e-5, p)
+    assert main(["select", "--harm", str(tmp_path / "h.safetensors"), "--out", str(tmp_path / "h.mask")]) == 0
+    assert load_mask(tmp_path / "h.mask").metadata["p"] == 0.0 and load_mask(tmp_path / "h.mask").count() == 4

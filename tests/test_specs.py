@@ -211,7 +211,8 @@ def test_a_changed_data_set_changes_the_key_whatever_the_field_is_called(project
     class EchoSpec:
         prompts: str = param(ref="data")
 
-    monkeypatch.setitem(evaluations.KINDS, "echo", evaluations.EvaluationKind(EchoSpec, lambda *a: {}, lambda s: None))
+    monkeypatch.setitem(evaluations.EVALUATIONS._entries, "echo",
+                        evaluations.EvaluationKind(EchoSpec, lambda *a: {}, lambda s: None))
     (project / "prompts.jsonl").write_text(json.dumps({"prompt": "one", "response": "a"}) + "\n")
     text = CONFIG + '[data.questions]\npath = "prompts.jsonl"\n[evaluations.echo]\nkind = "echo"\nprompts = "questions"\n'
     before = _evaluation_key(project, text, "echo")

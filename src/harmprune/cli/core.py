@@ -7,6 +7,7 @@ import json
 
 from harmprune.cli.common import add_data_args, add_format_args, add_model_args, load_data, load_model_from_args
 from harmprune.control_masks import CONTROLS
+from harmprune.experiments.config import RECIPE_P, RECIPE_Q
 from harmprune.scoring_methods import SCORING_METHODS
 
 
@@ -32,9 +33,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("select", help="harm set minus utility set, written as a mask file")
     p.add_argument("--harm", required=True, help="harm score file")
     p.add_argument("--utility", default=None, help="utility score file (omit for no utility filter)")
-    p.add_argument("--q", type=float, nargs="+", required=True,
-                   help="harm fraction; several values select a sweep in one read of the files")
-    p.add_argument("--p", type=float, nargs="+", default=[0.0], help="utility fraction (several: a sweep)")
+    p.add_argument("--q", type=float, nargs="+", default=[RECIPE_Q],
+                   help=f"harm fraction (default {RECIPE_Q:g}, the study's); several values select a sweep in one "
+                        "read of the files")
+    p.add_argument("--p", type=float, nargs="+", default=None,
+                   help=f"utility fraction (several: a sweep; default {RECIPE_P:g} with --utility, else 0)")
     p.add_argument("--granularity", default="matrix", choices=["matrix", "row", "global"])
     p.add_argument("--harm-method", default=None, choices=SCORING_METHODS.names(),
                    help="how to read the harm scores (default: the method in the file's metadata)")
@@ -106,6 +109,8 @@ def cmd_select(args: argparse.Namespace) -> None:
     from harmprune.selection import default_device, mask_stats, save_mask, select_grid
     from harmprune.tensorfile import TensorFile
 
+    if args.p is None:
+        args.p = [RECIPE_P if args.utility else 0.0]
     for key, values in (("q", args.q), ("p", args.p)):
         if len(set(values)) > 1 and "{" + key + "}" not in args.out:
             raise HarmpruneError(f"--out {args.out!r}: several --{key} values need {{{key}}} in the file name")

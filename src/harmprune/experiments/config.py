@@ -72,6 +72,7 @@ SCORING_DEFAULTS = {"harm_method": "signed-snip", "utility_method": "snip", "har
                     "utility_format": "pretrained"}
 SCORING_FORMATS = {*PROMPT_FORMATS, "model"}  # "model": the scored model's own [models.X] format
 SELECTION_KEYS = {"q", "p", "granularity"}
+RECIPE_Q, RECIPE_P = 1e-5, 5e-5  # the study's headline operating point
 GRANULARITIES = {"matrix", "row", "global"}
 DATA_TYPES = (("prompt_field", (str,), "a string"), ("response_field", (str,), "a string"),
               ("category_field", (str,), "a string"), ("category", (str, list), "a string or a list"),
@@ -156,7 +157,7 @@ def load_config(path: str | Path) -> Config:
             seen.add(excluded)
             excluded = data[excluded].options.get("exclude")
     scoring = _scoring(_table(raw, "scoring", where), data, where)
-    selection = _selection(_table(raw, "selection", where), where)
+    selection = _selection(_table(raw, "selection", where), where, has_utility=scoring.get("utility") is not None)
     ctx = _context(where, base, models, data)
     evaluations = {n: _evaluation(n, t, ctx) for n, t in _table(raw, "evaluations", where).items()}
     _add_evaluations(ctx, evaluations)
@@ -344,9 +345,10 @@ def _scoring(t: dict[str, Any], data: dict[str, DataSpec], where: str) -> dict[s
     return out
 
 
-def _selection(t: dict[str, Any], where: str) -> dict[str, Any]:
+def _selection(t: dict[str, Any], where: str, has_utility: bool) -> dict[str, Any]:
+    """The selection table; defaults are the study's operating point (q = 1e-5, p = 5e-5 with a utility set)."""
     _check_keys(t, SELECTION_KEYS, "selection.", where)
-    out = {"q": [1e-4], "p": [0.0], "granularity": "matrix", **t}
+    out = {"q": [RECIPE_Q], "p": [RECIPE_P if has_utility else 0.0], "granularity": "matrix", **t}
     for key in ("q", "p"):
         values = _as_list(out[key])
         if not values:
