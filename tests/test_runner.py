@@ -6,6 +6,7 @@ import json
 import sqlite3
 
 import pytest
+import torch
 
 from harmprune.cli import main
 from harmprune.errors import ConfigError
@@ -89,6 +90,8 @@ def test_run_caches_resumes_and_reports(project, tmp_path, monkeypatch):
     comp = summary["experiments"]["compression"]["models"]
     assert set(comp) == {"aligned", "unaligned"} and len(comp["aligned"]["points"]) == 2
     assert summary["stages"]["computed"] > 0
+    environment = json.loads((out / "environment.json").read_text())  # what float results depend on, recorded
+    assert environment["torch_threads"] == torch.get_num_threads() and environment["torch_cpu_capability"]
     # Scores are computed once per (model, data): 2 models × 2 data sets.
     stages = {p.name for p in (out / "stages" / "scores").iterdir()}
     assert len(stages) == 4

@@ -58,6 +58,7 @@ def run_config(path: str | Path, out_dir: str | Path | None = None, executor: st
     ``executor`` is where independent stages run (:mod:`harmprune.experiments.executors`: ``local`` or ``ray``,
     with ``executor_options`` such as ``address``, ``num_cpus``, ``num_gpus``).
     """
+    from harmprune.environment import describe as describe_environment
     from harmprune.errors import ConfigError
     from harmprune.experiments.executors import make_executor
     from harmprune.experiments.runner import Runner
@@ -73,6 +74,7 @@ def run_config(path: str | Path, out_dir: str | Path | None = None, executor: st
     out = Path(out_dir) if out_dir else Path("runs") / config.name
     runner = Runner(config, out, executor=make_executor(executor, **executor_options))
     atomic_write_text(out / "config.toml", Path(path).read_text(encoding="utf-8"))
+    atomic_write_json(out / "environment.json", describe_environment())
     summary: dict[str, Any] = {"name": config.name, "experiments": {}}
     try:
         for name, params in config.experiments.items():
