@@ -21,6 +21,8 @@ from tiny import make_llama, make_tokenizer
 
 PLUGIN = '''
 """An outside harmprune plug-in distribution (the test's)."""
+from dataclasses import dataclass
+
 from harmprune.control_masks import register_control
 from harmprune.experiments import register_experiment
 from harmprune.experiments.evaluations import register_evaluation
@@ -28,6 +30,7 @@ from harmprune.experiments.executors import LocalExecutor, register_executor
 from harmprune.judges import Judge, Verdict, register_judge
 from harmprune.scoring_methods import ScoringMethod, register_scoring_method
 from harmprune.scoring_methods.signed_snip import GradientSum
+from harmprune.specs import param
 
 
 @register_judge("dummy-judge")
@@ -64,12 +67,22 @@ class InlineExecutor(LocalExecutor):
     name = "inline"
 
 
-@register_evaluation("dummy-eval", {"data"})
-def dummy_eval(runner, model, tok, model_name, spec, out):
-    return {"n": len(runner.records(spec["data"]))}
+@dataclass(frozen=True)
+class DummyEvalSpec:
+    data: str = param(ref="data")
 
 
-@register_experiment("dummy_experiment", {"models"})
+@register_evaluation("dummy-eval", DummyEvalSpec)
+def dummy_eval(spec, model, tok, inputs, out):
+    return {"n": len(inputs.records(spec.data))}
+
+
+@dataclass(frozen=True)
+class DummyParams:
+    models: list = param([], ref="model")
+
+
+@register_experiment("dummy_experiment", DummyParams)
 def dummy_experiment(runner, params):
     """Does nothing."""
     return {}

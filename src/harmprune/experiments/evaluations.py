@@ -50,8 +50,10 @@ EVALUATIONS: Registry[EvaluationKind] = Registry("evaluation kind", "harmprune.e
                                                  ["harmprune.experiments"])
 
 
-def register_evaluation(kind: str, spec: type, metrics: Callable[[Any], Collection[str] | None]):
-    """Register ``fn(spec, model, tokenizer, inputs, out_dir) -> metrics`` as evaluation kind ``kind``."""
+def register_evaluation(kind: str, spec: type, metrics: Callable[[Any], Collection[str] | None] = lambda spec: None):
+    """Register ``fn(spec, model, tokenizer, inputs, out_dir) -> metrics`` as evaluation kind ``kind``, with its
+    spec (the dataclass of its parameters) and the metric names a spec gives (default: not knowable up front, so
+    metric names in experiments are checked only at run time)."""
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         EVALUATIONS.add(kind, EvaluationKind(spec, fn, metrics), source=fn)
         return fn
