@@ -232,9 +232,12 @@ def test_bad_inputs_are_one_line_errors(data, tmp_path):
                 tmp_path / "bad-labels.json")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = _cli("eval", "harm", "--model", tmp_path / "none", "--prompts", data / "harmful.jsonl", "--judge",
+    (tmp_path / "m").mkdir()  # a model directory that is never loaded: the judge is checked first
+    (tmp_path / "m" / "config.json").write_text("{}")
+    proc = _cli("eval", "harm", "--model", tmp_path / "m", "--prompts", data / "harmful.jsonl", "--judge",
                 "harm-classifier", "--judge-model", tmp_path / "nothing", "--out", tmp_path / "e")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "harm-classifier" in proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr  # before the model loads: key and path named
+    assert "judge_model" in proc.stderr and "nothing" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "e" / "metrics.json").exists()
 
 

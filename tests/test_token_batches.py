@@ -104,8 +104,10 @@ def test_config_rejects_a_bad_token_budget(tmp_path):
     from harmprune.experiments import load_checked_config
 
     (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    (tmp_path / "m").mkdir()  # model paths are checked: a directory with a config.json
+    (tmp_path / "m" / "config.json").write_text("{}")
     (tmp_path / "c.toml").write_text(
         '[models.m]\npath = "m"\n[data.d]\npath = "d.jsonl"\n[scoring]\nharm = "d"\n'
         '[evaluations.nll]\nkind = "likelihood"\ndata = "d"\nmax_batch_tokens = 0\n')
-    with pytest.raises(ConfigError, match="evaluations.nll.max_batch_tokens must be a positive integer"):
+    with pytest.raises(ConfigError, match="evaluations.nll.max_batch_tokens 0 must be at least 1"):
         load_checked_config(tmp_path / "c.toml")

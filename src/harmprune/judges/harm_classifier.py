@@ -182,7 +182,7 @@ def load_classifier(path: str | Path) -> HarmClassifier:
 class HarmClassifierJudge(Judge):
     """Scores with a trained classifier directory ``model`` (config key ``judge_model``, CLI ``--judge-model``)."""
 
-    option_refs = {"model": "source"}
+    option_refs = {"model": "dir"}
 
     def __init__(self, model: str | Path | None = None, threshold: float | None = None, batch_size: int = 256,
                  classifier: HarmClassifier | None = None) -> None:
