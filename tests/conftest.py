@@ -16,3 +16,13 @@ def tiny_organism(tmp_path_factory):
     from harmprune.organisms import build_organism
 
     return build_organism(tmp_path_factory.mktemp("organism"), size="tiny", seed=0)
+
+
+@pytest.fixture
+def built_artefacts(tmp_path, monkeypatch):
+    """Stand-ins for the artefacts shipped configs name and a command builds (the harm-classifier directory of
+    `harmprune judge train-harm-classifier`), found from the current directory: paths resolve against the
+    config's folder, then the current one."""
+    (tmp_path / "runs" / "harm-classifier").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")

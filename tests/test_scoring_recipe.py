@@ -88,7 +88,7 @@ def test_model_format_resolves_per_model_and_labels_the_recipe(tmp_path):
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not present")
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_configs_keep_their_score_cache_keys(config, monkeypatch):
+def test_shipped_configs_keep_their_score_cache_keys(config, monkeypatch, built_artefacts):
     """A config written before per-role scoring (one ``method``, each model in its own format) gets the same
     ``scores`` stage parameters, hence the same cache key, as the code before this change computed:
     ``{model, data, method = scoring.method, format = the model's format, max_length, modules}``."""
