@@ -117,6 +117,41 @@ def test_run_check_refuses_a_bad_value_in_one_line_and_writes_nothing(project, t
     assert not (tmp_path / "run").exists()
 
 
+def test_set_overrides_are_read_as_toml_values_and_checked_like_the_file(project):
+    cfg = write(project, CONFIG)
+    loaded = load_checked_config(cfg, ["experiments.controls.seeds=[1, 2]", "scoring.harm=benign",
+                                       "selection.q=1e-5", 'evaluations.harm.judge="refusal"'])
+    assert loaded.experiments["controls"].seeds == [1, 2] and loaded.scoring["harm"] == "benign"
+    assert loaded.selection["q"] == [1e-5]
+    for override, message in [("selection.q=[true]", "selection.q value True must be a number in [0, 1]"),
+                              ("scoring.harm=nothing", "scoring.harm"),
+                              ("scoring", "--set 'scoring' must be KEY=VALUE"),
+                              ("scoring.max_length.x=1", "--set scoring.max_length.x: scoring.max_length is a value"),
+                              ("experiments.controls.kinds=[\"randm\"]", "'randm' is not one of")]:
+        with pytest.raises(ConfigError, match=_escaped(message)) as e:
+            load_checked_config(cfg, [override])
+        assert "--set" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_run_set_from_the_cli_and_the_config_a_run_directory_keeps(project, tmp_path):
+    import tomllib
+
+    from harmprune.experiments import _config_as_run
+    from harmprune.experiments.config import read_raw_config
+
+    cfg = write(project, CONFIG)
+    line = one_error_line(check(cfg, "--check", "--set", "experiments.controls.seeds=abc", cwd=tmp_path))
+    assert "experiments.controls.seeds" in line and "--set experiments.controls.seeds=abc" in line, line
+    ok = check(cfg, "--check", "--set", "selection.q=[0.01, 0.02]", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    overrides = ["selection.q=[0.01, 0.02]", "scoring.utility_method=signed-snip"]
+    text = _config_as_run(cfg, overrides)
+    assert "--set scoring.utility_method=signed-snip" in text.splitlines()[2]
+    assert tomllib.loads(text) == read_raw_config(cfg, overrides)
+    assert tomllib.loads(text)["selection"]["q"] == [0.01, 0.02]
+    assert _config_as_run(cfg, []) == cfg.read_text()
+
+
 @pytest.mark.parametrize("old, new, message", [
     ("[experiments.controls]", '[experiments.controls]\nharm_metric = "harmfulnes"',
      "experiments.controls.harm_metric 'harmfulnes' is not a metric of evaluation 'harm'; did you mean 'harmfulness'"),

@@ -21,6 +21,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="GPUs each Ray stage task asks for (default: 1 if this machine has a GPU, else 0)")
     p.add_argument("--task-retries", type=int, default=0, help="Ray retries of a stage task whose worker died")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, a TOML value or a bare string (repeatable), e.g. "
+                        "--set scoring.harm=harmful_lat --set 'selection.q=[1e-5]'")
     p.add_argument("--only", default=None, metavar="NAME[,NAME]",
                    help="run only these experiments of the config (e.g. --only cross_category,dissociation)")
     p.set_defaults(func=cmd_run)
@@ -48,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from harmprune.experiments import load_checked_config, run_config
 
     if args.check:
-        cfg = load_checked_config(args.config)
+        cfg = load_checked_config(args.config, args.overrides)
         print(f"{args.config}: OK ({len(cfg.models)} models, {len(cfg.data)} data sets, "
               f"{len(cfg.evaluations)} evaluations, experiments: {', '.join(cfg.experiments)})")
         return
@@ -62,7 +65,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         options = {"address": args.ray_address, "num_cpus": args.cpus_per_task, "num_gpus": gpus,
                    "max_retries": args.task_retries}
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
-    out = run_config(args.config, args.out, executor=args.executor, only=only, **options)
+    out = run_config(args.config, args.out, executor=args.executor, only=only, overrides=args.overrides,
+                     **options)
     print(f"report: {out / 'report.html'}")
 
 

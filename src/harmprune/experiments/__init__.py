@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from harmprune.registry import Registry
 
@@ -43,17 +43,19 @@ def experiments() -> dict[str, Experiment]:
     return {name: EXPERIMENTS.get(name) for name in EXPERIMENTS.names()}
 
 
-def load_checked_config(path: str | Path):
-    """Load a config and validate it against the registered experiments, evaluation kinds and judges."""
+def load_checked_config(path: str | Path, overrides: Sequence[str] = ()):
+    """Load a config (``overrides``: ``KEY=VALUE`` strings, as ``run --set`` takes them) and validate it against
+    the registered experiments, evaluation kinds and judges."""
     from harmprune.experiments.config import load_config
 
-    return load_config(path)
+    return load_config(path, overrides)
 
 
 def run_config(path: str | Path, out_dir: str | Path | None = None, executor: str = "local",
-               only: list[str] | None = None, **executor_options: Any) -> Path:
+               only: list[str] | None = None, overrides: Sequence[str] = (), **executor_options: Any) -> Path:
     """Run the experiments a config lists (or those named in ``only``, in the config's order); return the run
-    directory (with summary.json and the report).
+    directory (with summary.json and the report). ``overrides`` (``KEY=VALUE``) change the config's values; the
+    run directory's config.toml is then the config as run, with the overrides in its header.
 
     ``executor`` is where independent stages run (:mod:`harmprune.experiments.executors`: ``local`` or ``ray``,
     with ``executor_options`` such as ``address``, ``num_cpus``, ``num_gpus``).
@@ -64,7 +66,7 @@ def run_config(path: str | Path, out_dir: str | Path | None = None, executor: st
     from harmprune.experiments.runner import Runner
     from harmprune.io import atomic_write_json, atomic_write_text
 
-    config = load_checked_config(path)
+    config = load_checked_config(path, overrides)
     if only:
         unknown = [name for name in only if name not in config.experiments]
         if unknown:
@@ -73,7 +75,7 @@ def run_config(path: str | Path, out_dir: str | Path | None = None, executor: st
         config.experiments = {k: v for k, v in config.experiments.items() if k in only}
     out = Path(out_dir) if out_dir else Path("runs") / config.name
     runner = Runner(config, out, executor=make_executor(executor, **executor_options))
-    atomic_write_text(out / "config.toml", Path(path).read_text(encoding="utf-8"))
+    atomic_write_text(out / "config.toml", _config_as_run(path, overrides))
     atomic_write_json(out / "environment.json", describe_environment())
     summary: dict[str, Any] = {"name": config.name, "experiments": {}}
     try:
@@ -90,6 +92,20 @@ def run_config(path: str | Path, out_dir: str | Path | None = None, executor: st
 
     build_report(out)
     return out
+
+
+def _config_as_run(path: str | Path, overrides: Sequence[str]) -> str:
+    """The config text a run directory keeps: the file itself, or with overrides, the tables they produced."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not overrides:
+        return text
+    import tomli_w
+
+    from harmprune.experiments.config import read_raw_config
+
+    header = [f"# {path} run with:", *(f"#   --set {o}" for o in overrides),
+              "# (relative paths resolve against the original file's directory)", ""]
+    return "\n".join(header) + tomli_w.dumps(read_raw_config(path, overrides))
 
 
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:

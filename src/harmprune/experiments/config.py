@@ -48,7 +48,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from harmprune.errors import ConfigError, ModelError
 from harmprune.formatting import PROMPT_FORMATS
@@ -125,8 +125,8 @@ class Config:
     report: dict[str, Any]
 
 
-def load_config(path: str | Path) -> Config:
-    """Parse and validate ``path`` against the registered evaluation kinds, experiments and judges."""
+def read_raw_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The TOML tables of ``path`` with ``overrides`` (``KEY=VALUE``, as ``run --set`` takes them) applied."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
@@ -134,7 +134,37 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    where = str(path)
+    for override in overrides:
+        apply_override(raw, override, str(path))
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str, where: str) -> None:
+    """Set one dotted key of ``raw`` from ``KEY=VALUE``; VALUE is read as a TOML value (``1e-5``, ``[0, 1]``,
+    ``true``, ``"text"``), and a bare word that is no TOML value is taken as a string (``scoring.harm=lat``).
+    Missing tables on the way are created; the result is validated like any config."""
+    key, sep, text = override.partition("=")
+    parts = [part.strip() for part in key.split(".")]
+    if not sep or not all(parts):
+        raise ConfigError(f"{where}: --set {override!r} must be KEY=VALUE with a dotted KEY (scoring.harm=lat)")
+    try:
+        value = tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table = raw
+    for depth, part in enumerate(parts[:-1]):
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: --set {key}: {'.'.join(parts[:depth + 1])} is a value, not a table")
+    table[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Parse and validate ``path`` (with ``overrides``, see :func:`apply_override`) against the registered
+    evaluation kinds, experiments and judges."""
+    path = Path(path)
+    raw = read_raw_config(path, overrides)
+    where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     _check_keys(raw, TOP_KEYS, "", where)
     dtype = raw.get("dtype", "float32")
     if not isinstance(dtype, str) or dtype not in ("float32", "bfloat16", "float16"):
