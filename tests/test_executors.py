@@ -37,11 +37,11 @@ def test_stage_finished_by_another_process_is_kept_and_dead_partials_are_removed
         other.mkdir()
         (other / "out.txt").write_text("theirs")
 
-    final = runner.stage("mask", {"x": 1}, racing_build, "out.txt")
+    final = runner.cache.stage("mask", {"x": 1}, racing_build, "out.txt")
     assert (final / "out.txt").read_text() == "theirs" and runner.stats["reused"] == 1
     assert not list(final.parent.glob("*.partial*"))
 
-    from harmprune.experiments.runner import STAGE_VERSIONS, stable_hash
+    from harmprune.experiments.stage_cache import STAGE_VERSIONS, stable_hash
 
     key = stable_hash({"kind": "mask", "v": STAGE_VERSIONS["mask"], "x": 2})[:20]
     dead = final.parent / f"{key}.partial-{host}-999999999-deadbeef"  # a killed run's leftover
@@ -50,12 +50,12 @@ def test_stage_finished_by_another_process_is_kept_and_dead_partials_are_removed
     dead.mkdir()
     live.mkdir()
     other_dead.mkdir()
-    runner.stage("mask", {"x": 2}, lambda d: (d / "out.txt").write_text("x"), "out.txt")
+    runner.cache.stage("mask", {"x": 2}, lambda d: (d / "out.txt").write_text("x"), "out.txt")
     assert not dead.exists() and not other_dead.exists() and live.exists()
     live.rmdir()
 
     with pytest.raises(RuntimeError):  # a failing build leaves nothing behind
-        runner.stage("mask", {"x": 4}, lambda d: (_ for _ in ()).throw(RuntimeError("boom")), "out.txt")
+        runner.cache.stage("mask", {"x": 4}, lambda d: (_ for _ in ()).throw(RuntimeError("boom")), "out.txt")
     assert not [p for p in final.parent.iterdir() if ".partial" in p.name]
 
 

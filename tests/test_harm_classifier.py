@@ -100,7 +100,7 @@ def test_scores_verdicts_batching_and_determinism(data):
 
 def test_cache_key_and_stage_hash_change_with_the_training_data(data):
     from harmprune.experiments.evaluations import HarmSpec
-    from harmprune.experiments.runner import judge_file_hashes as _judge_file_hashes
+    from harmprune.experiments.stages import judge_file_hashes as _judge_file_hashes
 
     first = _train(data)
     assert _train(data).get("cached") is True

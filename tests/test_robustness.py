@@ -91,7 +91,7 @@ def test_runner_user_errors_are_harmprune_errors(tmp_path):
 
     (tmp_path / "c.toml").write_text('[models.m]\npath = "org/model"\n')
     runner = Runner(load_config(tmp_path / "c.toml"), tmp_path / "run")
-    runner.model_hash = lambda name: "h"  # type: ignore[method-assign]  # no model is loaded before the error
+    runner.inputs.model_hash = lambda name: "h"  # type: ignore[method-assign]  # no model is loaded before the error
     name = "w"
     mask = save_mask(Mask({name: torch.tensor([0])}, {name: (2, 2)}), tmp_path / "m.safetensors")
     with pytest.raises(ConfigError, match="unknown control kind 'randm'"):

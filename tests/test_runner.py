@@ -114,12 +114,12 @@ def test_run_caches_resumes_and_reports(project, tmp_path, monkeypatch):
     # A run killed mid-way resumes: delete one evaluation and make the next stage fail once.
     import shutil
 
-    import harmprune.experiments.runner as runner_mod
+    from harmprune.experiments.stage_cache import StageCache
 
     evals = sorted((out / "stages" / "evaluate").iterdir())
     shutil.rmtree(evals[0])
     shutil.rmtree(evals[1])
-    real_stage = runner_mod.Runner.stage
+    real_stage = StageCache.stage
     calls = {"n": 0}
 
     def flaky(self, kind, params, build, done_file):
@@ -130,11 +130,11 @@ def test_run_caches_resumes_and_reports(project, tmp_path, monkeypatch):
             build(d)
         return real_stage(self, kind, params, failing_build, done_file)
 
-    monkeypatch.setattr(runner_mod.Runner, "stage", flaky)
+    monkeypatch.setattr(StageCache, "stage", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_config(cfg, tmp_path / "run")
     assert not list((out / "stages" / "evaluate").glob("*.partial*/metrics.json"))
-    monkeypatch.setattr(runner_mod.Runner, "stage", real_stage)
+    monkeypatch.setattr(StageCache, "stage", real_stage)
     resumed = json.loads((run_config(cfg, tmp_path / "run") / "summary.json").read_text())
     assert resumed["stages"]["computed"] == 1  # only the stage that was killed
     assert resumed["harm_reduction"] == summary["harm_reduction"]
@@ -213,7 +213,7 @@ def test_only_runs_the_named_experiments(project, tmp_path, capsys):
 
 def test_a_local_judge_models_files_are_part_of_the_evaluation_key(project, tmp_path):
     from harmprune.experiments.evaluations import EMSpec, judge_files
-    from harmprune.experiments.runner import hash_model_source
+    from harmprune.experiments.stage_cache import hash_model_source
 
     grader = tmp_path / "grader"
     grader.mkdir()

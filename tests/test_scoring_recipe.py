@@ -10,7 +10,9 @@ import pytest
 
 from harmprune.errors import ConfigError
 from harmprune.experiments import load_checked_config
+from harmprune.experiments.inputs import Inputs
 from harmprune.experiments.runner import Runner
+from harmprune.experiments.stage_cache import StageCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -79,11 +81,11 @@ def test_bad_or_conflicting_recipe_is_a_config_error(tmp_path, scoring, message)
 def test_model_format_resolves_per_model_and_labels_the_recipe(tmp_path):
     cfg = _config(tmp_path, 'format = "model"\nutility_method = "snip"\nharm_method = "signed-snip"')
     runner = Runner(cfg, tmp_path / "run")
-    assert runner.recipe("chatty", "harm") == ("signed-snip", "chat")
-    assert runner.recipe("plain", "utility") == ("snip", "raw")
-    assert runner.recipe_label("plain") == "harm=signed-snip/raw utility=snip/raw"
+    assert runner.inputs.recipe("chatty", "harm") == ("signed-snip", "chat")
+    assert runner.inputs.recipe("plain", "utility") == ("snip", "raw")
+    assert runner.inputs.recipe_label("plain") == "harm=signed-snip/raw utility=snip/raw"
     default = Runner(_config(tmp_path, "", "d.toml"), tmp_path / "run2")
-    assert default.recipe_label("chatty") == "harm=signed-snip/pretrained utility=snip/pretrained"
+    assert default.inputs.recipe_label("chatty") == "harm=signed-snip/pretrained utility=snip/pretrained"
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not present")
@@ -96,9 +98,9 @@ def test_shipped_configs_keep_their_score_cache_keys(config, monkeypatch, built_
     if "method" not in cfg.raw.get("scoring", {}):
         pytest.skip("a per-role (btap) or default-recipe config: no earlier key to keep")
     captured = []
-    monkeypatch.setattr(Runner, "model_hash", lambda self, m: f"hash-of-{m}")
-    monkeypatch.setattr(Runner, "data_hash", lambda self, d: f"hash-of-{d}")
-    monkeypatch.setattr(Runner, "stage", lambda self, kind, params, build, done: captured.append(params) or Path("x"))
+    monkeypatch.setattr(Inputs, "model_hash", lambda self, m: f"hash-of-{m}")
+    monkeypatch.setattr(Inputs, "data_hash", lambda self, d: f"hash-of-{d}")
+    monkeypatch.setattr(StageCache, "stage", lambda self, kind, params, build, done: captured.append(params) or Path("x"))
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(cfg, tmp)
         sc = cfg.scoring

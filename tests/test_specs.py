@@ -230,8 +230,8 @@ def _evaluation_key(project: Path, text: str, evaluation: str) -> dict:
     stub.mkdir(exist_ok=True)
     (stub / "metrics.json").write_text("{}")
     runner = Runner(load_checked_config(write(project, text, "key.toml")), project / "key-run")
-    runner.model_hash = lambda name: "model"  # type: ignore[method-assign]
-    runner.stage = lambda kind, params, build, done: captured.append(params) or stub  # type: ignore
+    runner.inputs.model_hash = lambda name: "model"  # type: ignore[method-assign]
+    runner.cache.stage = lambda kind, params, build, done: captured.append(params) or stub  # type: ignore
     runner.evaluate("aligned", evaluation)
     return captured[0]
 

@@ -1,0 +1,130 @@
+"""The stage cache: content-addressed, atomic, resumable outputs of a run's stages.
+
+Each stage's output lives under ``RUN/stages/<kind>/<key>/`` where ``key`` is a content hash of everything the
+stage depends on (model weights, data records, parameters, upstream outputs), never of a path or a name. A stage
+whose output exists is not run again, so a finished config recomputes nothing and a run killed at any moment
+resumes at the stage it was in: a stage is built in a directory private to its process and renamed into place
+when complete, and leftovers of dead processes are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from harmprune import __version__
+from harmprune.io import atomic_write_json, process_alive, sha256_file
+from harmprune.store import Store
+
+log = logging.getLogger(__name__)
+
+# Bump a stage's version when its semantics change, so old cached outputs are not reused.
+STAGE_VERSIONS = {"scores": 1, "mask": 1, "control": 1, "evaluate": 1, "finetune": 1, "generate": 1}
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class StageCache:
+    """The ``stages/`` directory of one run directory, and its record in the run's results store."""
+
+    def __init__(self, run_dir: str | Path, store: Store):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "stages"
+        self.store = store
+        self.stats = {"computed": 0, "reused": 0}
+
+    def key(self, kind: str, params: dict[str, Any]) -> str:
+        return stable_hash({"kind": kind, "v": STAGE_VERSIONS[kind], **params})[:20]
+
+    def stage(self, kind: str, params: dict[str, Any], build: Callable[[Path], None], done_file: str) -> Path:
+        """Run ``build(dir)`` unless the stage with these params already finished; return its directory."""
+        key = self.key(kind, params)
+        final = self.root / kind / key
+        if (final / done_file).exists():
+            self.stats["reused"] += 1
+            return final
+        partial = _fresh_partial_dir(final)
+        start = time.perf_counter()
+        log.info("stage %s %s: %s", kind, key, _describe(params))
+        try:
+            build(partial)
+            atomic_write_json(partial / "stage.json", {
+                "kind": kind, "key": key, "params": params, "harmprune_version": __version__,
+                "host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start})
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if (final / done_file).exists():  # another process (a parallel executor) finished it first
+            shutil.rmtree(partial, ignore_errors=True)
+            self.stats["reused"] += 1
+            return final
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        self.store.record_stage(key, kind, params, str(final), time.perf_counter() - start)
+        self.stats["computed"] += 1
+        return final
+
+    def run_relative(self, path: str | Path) -> str:
+        """``path`` relative to the run directory if it lies inside it (else as given), for file metadata.
+
+        Stage keys hash upstream files' bytes, so a file that recorded this run directory's location would give
+        equal work in two run directories different keys."""
+        try:
+            return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+        except ValueError:
+            return str(path)
+
+
+def _fresh_partial_dir(final: Path) -> Path:
+    """A build directory private to this process, next to ``final``; leftovers of dead processes on this host
+    (a killed run), of this stage or of any other of its kind, are removed."""
+    host = socket.gethostname().replace("-", "_")
+    for old in final.parent.glob(f"*.partial-{host}-*"):
+        pid = old.name.rsplit("-", 2)[-2]
+        if not pid.isdigit() or not process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    partial = final.with_name(f"{final.name}.partial-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial.mkdir(parents=True)
+    return partial
+
+
+def hash_model_source(source: str) -> str:
+    """sha256 over a model directory's files (or a file, or a hub id string), memoised by size and mtime."""
+    path = Path(source)
+    if not path.exists():
+        return stable_hash({"hub": source})
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    from harmprune.models import cache_dir
+
+    memo_path = cache_dir() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    digests = []
+    for f in files:
+        st = f.stat()
+        memo_key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if memo_key not in memo:
+            memo[memo_key] = sha256_file(f)
+        digests.append((f.name if path.is_file() else str(f.relative_to(path)), memo[memo_key]))
+    try:
+        atomic_write_json(memo_path, memo)
+    except OSError:
+        pass
+    return stable_hash(digests)
+
+
+def _describe(params: dict[str, Any]) -> str:
+    short = {k: (v[:10] if isinstance(v, str) and len(v) == 64 else v) for k, v in params.items()}
+    return json.dumps(short, default=str)[:200]
