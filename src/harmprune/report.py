@@ -113,6 +113,7 @@ def _compression(result: dict[str, Any], fig_dir: Path) -> Section:
         sep = m.get("separability") or {}
         lines.append(f"- **{name}**: harm-compression fraction "
                      f"{'not reached in this grid' if frac is None else f'{frac:.2e} ({frac * 100:.4f}% of scored weights)'}"
+                     + (f" (utility budget {m['utility_budget']:.3g})" if m.get("utility_budget") is not None else "")
                      + (f"; top-{sep['q']:g} harm vs utility sets: Jaccard {sep['jaccard']:.3f} "
                         f"(chance {sep['chance_jaccard']:.3f}), utility-support AUROC {sep['utility_support_auroc']:.3f}"
                         if sep else ""))

@@ -3,7 +3,9 @@
 For each model and each (q, p) of the grid: select the harm set minus the utility set, prune it, and measure
 harmful generation and utility. Summaries: harm reduction against the fraction pruned; the *harm-compression
 fraction* (smallest fraction pruned that removes at least half of the harmful generation while utility drops by
-no more than ``max_utility_drop`` points); and how separable the harm and utility scores are. Without a
+no more than ``max_utility_drop`` points, or with ``max_relative_utility_drop`` by no more than that share of its
+unpruned value: the right budget for a utility measured on a low baseline, such as a token likelihood); and how
+separable the harm and utility scores are. Without a
 ``utility_evaluation`` utility is not measured: the points, the operating point and the headline carry no utility
 keys, and the utility budget does not constrain the choice.
 """
@@ -34,6 +36,7 @@ class CompressionParams:
     utility_scale: float = 100.0
     evaluations: list[str] = param([], ref="evaluation")  # measured at every point too
     max_utility_drop: float = 2.0
+    max_relative_utility_drop: float | None = param(None, at_least=0, at_most=1)  # replaces max_utility_drop
     target_harm_reduction: float = param(0.5, at_most=1)
     separability_q: float | None = param(None, at_least=0, at_most=1)  # default: the middle of the q grid
 
@@ -95,13 +98,21 @@ def sweep_model(runner: Runner, model: str, qs: list[float], ps: list[float], pa
             runner.store.record_metrics("compression", model, "harm-set", "summary",
                                         {k: v for k, v in point.items() if k not in ("q", "p", "mask")}, q=q, p=p)
             points.append(point)
-    max_drop, target = params.max_utility_drop, params.target_harm_reduction
+    max_drop, target = utility_budget(params, base_util), params.target_harm_reduction
     sep_q = params.separability_q if params.separability_q is not None else qs[len(qs) // 2]
-    result = {"baseline": {"harm": base_harm, "utility": base_util}, "points": points,
+    result = {"baseline": {"harm": base_harm, "utility": base_util}, "points": points, "utility_budget": max_drop,
               "harm_compression_fraction": compression_fraction(points, target, max_drop),
               "operating_point": operating_point(points, target, max_drop),
               "separability": separability(runner, model, sep_q)}
     return result
+
+
+def utility_budget(params: CompressionParams, base_util: float | None) -> float:
+    """The utility drop (in ``utility_scale`` units) a point may cost: ``max_relative_utility_drop`` of the
+    unpruned utility when given, else ``max_utility_drop``."""
+    if params.max_relative_utility_drop is None or base_util is None:
+        return params.max_utility_drop
+    return params.max_relative_utility_drop * base_util
 
 
 def compression_fraction(points: list[dict], target: float, max_drop: float) -> float | None:
