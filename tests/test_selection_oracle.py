@@ -227,3 +227,24 @@ def test_select_counts_equals_oracle():
     mask = select_counts(scores, counts, "signed-snip")
     for n, k in counts.items():
         assert torch.equal(mask.indices[n], old_top_k_flat(-scores[n].reshape(-1), k)), n
+
+
+@pytest.mark.parametrize("n, size", [(1000, 16), (1024, 16), (5003, 128)])
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("strict", [False, True])
+def test_gathering_kept_blocks_equals_comparing_every_entry(n, size, negate, strict):
+    """``_in_blocks`` reads whole kept blocks (and the short last one): the same entries, in index order, as a
+    comparison of every entry of those blocks."""
+    g = torch.Generator().manual_seed(n + size)
+    flat = torch.randint(-20, 20, (n,), generator=g).float()  # many ties at the floor
+    n_blocks = math.ceil(n / size)
+    keep = torch.zeros(n_blocks, dtype=torch.bool)
+    keep[torch.randperm(n_blocks, generator=g)[: max(1, n_blocks // 20)]] = True
+    keep[-1] = True  # the last block, short unless size divides n
+    floor = torch.tensor(5.0)
+    idx, vals = selection._in_blocks(flat, negate, keep, size, floor, strict)
+    support_ = -flat if negate else flat
+    in_kept = keep.repeat_interleave(size)[:n]
+    hit = in_kept & ((support_ > floor) if strict else (support_ >= floor))
+    expected = torch.nonzero(hit).flatten()
+    assert torch.equal(idx, expected) and torch.equal(vals, support_[expected])

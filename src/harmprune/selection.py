@@ -352,11 +352,17 @@ def _in_blocks(flat: torch.Tensor, negate: bool, keep: torch.Tensor, size: int, 
         support_ = _signed(flat, negate)
         idx = torch.nonzero(support_ > floor if strict else support_ >= floor).flatten()
         return idx, support_[idx]
-    idx = (blocks.unsqueeze(1) * size + torch.arange(size, device=flat.device)).reshape(-1)
-    idx = idx[idx < flat.numel()]
-    vals = _signed(flat[idx], negate)
-    ok = vals > floor if strict else vals >= floor
-    return idx[ok], vals[ok]
+    n_full = flat.numel() // size
+    full = blocks[blocks < n_full]
+    rows = _signed(flat[: n_full * size].view(n_full, size).index_select(0, full), negate)  # whole rows: a copy
+    hit = torch.nonzero(rows > floor if strict else rows >= floor)
+    idx = full[hit[:, 0]] * size + hit[:, 1]
+    vals = rows[hit[:, 0], hit[:, 1]]
+    if full.numel() < blocks.numel():  # the short last block
+        tail = _signed(flat[n_full * size:], negate)
+        at = torch.nonzero(tail > floor if strict else tail >= floor).flatten()
+        idx, vals = torch.cat([idx, at + n_full * size]), torch.cat([vals, tail[at]])
+    return idx, vals
 
 
 def _block_size(n: int, k: int) -> int:
