@@ -92,6 +92,7 @@ def test_run_caches_resumes_and_reports(project, tmp_path, monkeypatch):
     assert summary["stages"]["computed"] > 0
     environment = json.loads((out / "environment.json").read_text())  # what float results depend on, recorded
     assert environment["torch_threads"] == torch.get_num_threads() and environment["torch_cpu_capability"]
+    assert isinstance(environment["kernel_env"], dict)
     # Scores are computed once per (model, data): 2 models × 2 data sets.
     stages = {p.name for p in (out / "stages" / "scores").iterdir()}
     assert len(stages) == 4

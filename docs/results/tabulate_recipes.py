@@ -1,6 +1,7 @@
 """Side-by-side Markdown tables of two runs of the same splits and evaluations under different recipes.
 
     python docs/results/tabulate_recipes.py btap=runs/btap-smollm2 today=runs/today-smollm2
+    python docs/results/tabulate_recipes.py --compact own-abs-pre=runs/ablation/own-abs-pre ...   # one row per run
 
 Reads each run's ``results.sqlite`` (through ``harmprune results --json``'s rows) and ``summary.json``, and prints,
 per model: the compression sweep and the controls (one row per condition, the recipes' columns side by side), then
@@ -86,7 +87,41 @@ def separability(summaries: dict[str, dict], model: str) -> str:
     return "\n".join(lines)
 
 
+def compact(runs: dict[str, dict[tuple, float]], summaries: dict[str, dict], model: str) -> str:
+    """One row per recipe and q of the compression sweep: the change of the harmful and benign token likelihood
+    against the unpruned model (its own row of that run), the prefilled harmful rate, and the separability."""
+    head = ["recipe", "q", "weights pruned", "harmful tok. lik. change", "benign tok. lik. change",
+            "prefilled harmful (harm-classifier)", "prefilled refusal (refusal judge)", "Jaccard(harm, utility)",
+            "harm-compression fraction"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def change(rows, q, metric):
+        base = rows.get(("compression", model, "unpruned", None, None, "likelihood", metric))
+        value = rows.get(("compression", model, "harm-set", q, None, "likelihood", metric))
+        return "–" if base is None or value is None else f"{(value / base - 1) * 100:+.1f}%"
+
+    for name, rows in runs.items():
+        m = summaries[name].get("experiments", {}).get("compression", {}).get("models", {}).get(model, {})
+        sep = (m.get("separability") or {}).get("jaccard")
+        qs = sorted({k[3] for k in rows if k[0] == "compression" and k[1] == model and k[2] == "harm-set"})
+        for q in [None, *qs]:
+            cond = "unpruned" if q is None else "harm-set"
+            get = lambda e, metric: rows.get(("compression", model, cond, q, None, e, metric))  # noqa: E731
+            cells = [name, "unpruned" if q is None else f"{q:g}",
+                     "0" if q is None else fmt(rows.get(("compression", model, "harm-set", q, None, "summary",
+                                                         "selected"))),
+                     "" if q is None else change(rows, q, "harmful_token_likelihood"),
+                     "" if q is None else change(rows, q, "benign_token_likelihood"),
+                     fmt(get("advbench_prefill", "harmful_rate")), fmt(get("advbench_prefill", "refusal/refusal_rate")),
+                     "" if q is None else fmt(sep) if q == (m.get("separability") or {}).get("q") else "",
+                     fmt(m.get("harm_compression_fraction")) if q is None else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
+    compact_only = "--compact" in argv
+    argv = [a for a in argv if a != "--compact"]
     named = dict(a.split("=", 1) for a in argv)
     runs = {n: rows_of(Path(p)) for n, p in named.items()}
     summaries = {n: json.loads((Path(p) / "summary.json").read_text()) if (Path(p) / "summary.json").exists() else {}
@@ -98,6 +133,9 @@ def main(argv: list[str]) -> None:
                 models[k[1]] += 1
     for model in models:
         print(f"### {model}\n")
+        if compact_only:
+            print(compact(runs, summaries, model) + "\n")
+            continue
         print(table(runs, model) + "\n")
         print(separability(summaries, model) + "\n")
 

@@ -15,6 +15,10 @@ from importlib import metadata
 from typing import Any
 
 
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_NUM_THREADS",
+              "MKL_CBWR")
+
+
 def describe() -> dict[str, Any]:
     """The versions, CPU kind and torch thread settings in effect in this process."""
     import torch
@@ -27,6 +31,9 @@ def describe() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # set on purpose, these pin the kernels below what the CPU offers (an AVX2 machine's results on AVX512)
+        "kernel_env": {v: os.environ[v] for v in KERNEL_ENV if v in os.environ},
+        "mkl": torch.backends.mkl.is_available(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     for package in ("harmprune", "torch", "transformers", "safetensors", "peft", "scikit-learn"):
