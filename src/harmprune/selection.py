@@ -484,7 +484,11 @@ def _prefix_sets(values: torch.Tensor, fractions: Sequence[float], granularity: 
 
 class _RunningTop:
     """The top k support entries of the tensors added so far, in rank order: sort key descending, then tensor
-    order, then flat index. Ties at the k-th key go to the earlier tensor, so a later tensor enters only above it."""
+    order, then flat index. Ties at the k-th key go to the earlier tensor, so a later tensor enters only above it.
+
+    New entries wait in a pending list and are merged (one stable sort) once they number k, so a model's hundreds
+    of tensors cost a few sorts; until then the floor a tensor must beat is the last merge's k-th key, which is at
+    most the true one, so the entries let in are a superset of those that belong."""
 
     def __init__(self, k: int):
         self.k = k
@@ -492,6 +496,8 @@ class _RunningTop:
         self.keys = torch.empty(0, dtype=torch.int32)
         self.tensor = torch.empty(0, dtype=torch.int32)
         self.index = torch.empty(0, dtype=torch.long)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_count = 0
 
     def add(self, position: int, values: torch.Tensor, negate: bool = False) -> None:
         if self.k == 0:
@@ -504,10 +510,20 @@ class _RunningTop:
         if local.numel() == 0:
             return
         keys = sort_keys(_signed(flat[local], negate))
-        order = torch.sort(torch.cat([self.keys, keys]), descending=True, stable=True).indices[: self.k]
-        self.keys = torch.cat([self.keys, keys])[order]
-        self.tensor = torch.cat([self.tensor, torch.full_like(keys, position)])[order]
-        self.index = torch.cat([self.index, local])[order]
+        self._pending.append((keys, torch.full_like(keys, position), local))
+        self._pending_count += keys.numel()
+        if self.keys.numel() < self.k or self._pending_count >= self.k:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        keys = torch.cat([self.keys, *(p[0] for p in self._pending)])
+        order = torch.sort(keys, descending=True, stable=True).indices[: self.k]
+        self.keys = keys[order]
+        self.tensor = torch.cat([self.tensor, *(p[1] for p in self._pending)])[order]
+        self.index = torch.cat([self.index, *(p[2] for p in self._pending)])[order]
+        self._pending, self._pending_count = [], 0
 
     def _above_floor(self, flat: torch.Tensor, negate: bool) -> torch.Tensor:
         """Ranked top k (at most) of this tensor's entries strictly above the current k-th key."""
@@ -536,6 +552,7 @@ class _RunningTop:
 
     def prefix(self, k: int, count: int) -> list[torch.Tensor]:
         """The top ``k`` (k ≤ self.k) split per tensor (``count`` tensors), each sorted by flat index."""
+        self._merge()
         tensor, index = self.tensor[:k], self.index[:k]
         return [index[tensor == i].sort().values for i in range(count)]
 
