@@ -32,6 +32,7 @@ def describe() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         # set on purpose, these pin the kernels below what the CPU offers (an AVX2 machine's results on AVX512)
+        # or the BLAS thread count
         "kernel_env": {v: os.environ[v] for v in KERNEL_ENV if v in os.environ},
         "mkl": torch.backends.mkl.is_available(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
