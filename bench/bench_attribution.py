@@ -300,18 +300,43 @@ def write_likelihood_report(args, runs: list[dict]) -> None:
     update_section(args.results, heading, "\n".join(lines))
 
 
-def update_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) one ``## `` section of RESULTS.md, keeping the others."""
+EARLIER = "### Earlier measurements"
+
+
+def update_section(path: Path, heading: str, body: str, keep_history: bool = False) -> None:
+    """Replace (or append) one ``## `` section of RESULTS.md, keeping the others.
+
+    ``keep_history``: the replaced section's own text (its heading made a ``#### `` one dated today) goes first
+    under the section's ``### Earlier measurements``, so a new run never erases the figures it is compared with.
+    """
     text = path.read_text() if path.exists() else (
         f"# Benchmark results\n\nMachine: {machine()}. Numbers are from the commands shown; other processes "
         f"may have shared the CPU.\n\n")
-    if heading in text:
-        start = text.index(heading)
-        nxt = text.find("\n## ", start + len(heading))
-        text = text[:start] + body + ("\n" + text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    path.write_text(text)
+    if heading not in text:
+        path.write_text(text.rstrip("\n") + "\n\n" + body)
+        return
+    start = text.index(heading)
+    nxt = text.find("\n## ", start + len(heading))
+    old = text[start:nxt + 1] if nxt != -1 else text[start:]
+    rest = "\n" + text[nxt + 1:] if nxt != -1 else ""
+    if keep_history:
+        current, _, earlier = old.partition(EARLIER)
+        entry = current.replace(heading, f"#### Replaced on {time.strftime('%Y-%m-%d')}", 1).strip("\n")
+        body = f"{body.rstrip()}\n\n{EARLIER}\n\n{entry}\n\n{earlier.strip(chr(10))}\n".rstrip() + "\n"
+    path.write_text(text[:start] + body + rest)
+
+
+def code_version() -> str:
+    """The commit the benchmark ran (short hash), marked when the working tree had changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    return f"commit {head}{' with uncommitted changes' if dirty else ''}"
 
 
 def machine() -> str:

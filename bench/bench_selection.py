@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attribution import machine, update_section  # noqa: E402
+from bench_attribution import code_version, machine, update_section  # noqa: E402
 
 import harmprune.selection as selection  # noqa: E402
 from harmprune.plan import ModelShape  # noqa: E402
@@ -113,7 +114,9 @@ def bench_shape(spec: str, args, tmp: Path) -> list[dict]:
         t_grid, grid = timed(lambda: select_grid(harm, util, qs, [args.p], granularity))
         rows.append({"shape": f"{name} ({layers} layer{'s' * (layers > 1)})", "entries": n,
                      "file_gib": 4 * n / 2**30, "granularity": granularity, "read": read, "old": t_old,
-                     "new": t_new, "reads": reads, "news": news, "selected": sum(t.numel() for t in new.values()),
+                     "new": t_new, "reads": reads, "news": news,
+                     "paired": statistics.median(t / r for t, r in zip(news, reads)),
+                     "selected": sum(t.numel() for t in new.values()),
                      "same": same(old, new) and all(same(each[q], grid[(q, args.p)].indices) for q in qs),
                      "sweep": len(qs), "each": t_each, "grid": t_grid})
         print(rows[-1], flush=True)
@@ -161,20 +164,24 @@ def report(args, rows: list[dict]) -> None:
         f"{' '.join(args.granularities)} --q {args.q:g} --p {args.p:g} --sweep {' '.join(f'{m:g}' for m in args.sweep)}"
         f" --threads {args.threads} --repeats {args.repeats}{' --skip-old' * args.skip_old}`. Harm and utility score files (float32, random normal, signed-snip) with the "
         f"scored shapes named; all times from the page cache; {machine()}; load average at the end "
-        f"{open('/proc/loadavg').read().split()[0]} (other jobs shared the CPU); run on {time.strftime('%Y-%m-%d')}.",
+        f"{open('/proc/loadavg').read().split()[0]} (other jobs shared the CPU); {code_version()}; "
+        f"run on {time.strftime('%Y-%m-%d')}.",
         "",
         "| shapes | scores per file | granularity | read both files (s) | old selection (s) | new selection (s) | "
-        "new / read | old / new | selected | same mask | sweep: one select per q (s) | sweep: select_grid (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "new / read | median of paired new / read | old / new | selected | same mask | sweep: one select per q (s) | "
+        "sweep: select_grid (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['entries'] / 1e6:.0f}M ({r['file_gib']:.2f} GiB) | {r['granularity']} | "
                      f"{r['read']:.3f} | {_seconds(r['old'])} | {r['new']:.3f} | **{r['new'] / r['read']:.2f}×** | "
+                     f"{r['paired']:.2f}× | "
                      f"{_ratio(r['old'], r['new'])} | {r['selected']} | {'yes' if r['same'] else 'NO'} | "
                      f"{r['each']:.2f} | {r['grid']:.2f} |")
     lines += [
         "",
-        f"- read and new selection alternate {args.repeats} times; the best of each is shown (all, in seconds: "
+        f"- read and new selection alternate {args.repeats} times; the best of each is shown, and the median over "
+        f"the repeats of each selection's time over the read just before it (all, in seconds: "
         + "; ".join(f"{r['shape']} {r['granularity']}: read {', '.join(f'{t:.3f}' for t in r['reads'])}, new "
                     f"{', '.join(f'{t:.3f}' for t in r['news'])}" for r in rows) + ").",
         f"- Target: new selection ≤ 2× the time to read both files. \"read\" loads every tensor of both files and "
@@ -189,7 +196,8 @@ def report(args, rows: list[dict]) -> None:
         "",
     ]
     print("\n".join(lines))
-    update_section(args.results, "## Selection at the speed of reading the scores", "\n".join(lines))
+    update_section(args.results, "## Selection at the speed of reading the scores", "\n".join(lines),
+                   keep_history=True)
 
 
 if __name__ == "__main__":

@@ -229,12 +229,12 @@ def test_select_counts_equals_oracle():
         assert torch.equal(mask.indices[n], old_top_k_flat(-scores[n].reshape(-1), k)), n
 
 
-@pytest.mark.parametrize("n, size", [(1000, 16), (1024, 16), (5003, 128)])
+@pytest.mark.parametrize("n, size", [(1000, 16), (1024, 16), (5003, 128), (1_000_003, 128), (400_000, 64)])
 @pytest.mark.parametrize("negate", [False, True])
 @pytest.mark.parametrize("strict", [False, True])
 def test_gathering_kept_blocks_equals_comparing_every_entry(n, size, negate, strict):
-    """``_in_blocks`` reads whole kept blocks (and the short last one): the same entries, in index order, as a
-    comparison of every entry of those blocks."""
+    """``_in_blocks`` reads whole kept blocks (and the short last one), narrowed to sub-blocks when the kept rows
+    are many (the two largest cases): the same entries, in index order, as a comparison of every entry of them."""
     g = torch.Generator().manual_seed(n + size)
     flat = torch.randint(-20, 20, (n,), generator=g).float()  # many ties at the floor
     n_blocks = math.ceil(n / size)
@@ -261,3 +261,18 @@ def test_global_over_many_tied_tensors_equals_full_sort(fraction):
         signed = {n: sign * t for n, t in vals.items()}
         want = old_select_global(signed, fraction)
         assert_same(select_global(signed, fraction), want, fraction)
+
+
+@pytest.mark.parametrize("fraction", [1e-4, 1e-3, 1e-2])
+def test_global_when_a_large_tensor_follows_small_low_ones(fraction):
+    """A small tensor of low values sets a low floor; the large tensors after it have more blocks above that floor
+    than k, so they are cut by their own top-k bound (ties at it to the lowest indices), then narrowed to
+    sub-blocks. Same indices as a full sort, for both signs."""
+    g = torch.Generator().manual_seed(3)
+    vals = {"low": torch.randint(-6, 0, (40, 64), generator=g).float(),
+            "wide": torch.randn(1000, 512, generator=g),
+            "tied": torch.randint(-4, 5, (600, 256), generator=g).float(),
+            "late": torch.randn(300, 128, generator=g) * 3}
+    for sign in (1, -1):
+        signed = {n: sign * t for n, t in vals.items()}
+        assert_same(select_global(signed, fraction), old_select_global(signed, fraction), fraction)

@@ -313,7 +313,8 @@ _EXACT_BELOW = 1 << 18  # for a k near the size, tensors this small skip the sam
 _MIN_BLOCK = 16  # block maxima pay off while k ≤ size / _MIN_BLOCK²; above, a sampled bound and one comparison
 _SAMPLE = 1 << 16  # entries sampled to bound the k-th largest value from below when k is large
 _SPREAD = 2654435761  # a prime: i × _SPREAD mod n scatters the sample over rows and columns
-_GATHER_SHARE = 8  # kept blocks covering over 1/8 of a tensor: compare the whole tensor instead of gathering
+_GATHER_SHARE = 2  # kept blocks covering over half a tensor: compare the whole tensor instead of gathering
+_SUB_BLOCK = 16  # kept blocks are narrowed to sub-blocks of this size before their entries are compared
 _FLOOR_BLOCK = 128  # smallest block for the running global top-k's floor test: smaller blocks' maxima cost more
 _GLOBAL_CAP = 1 << 25  # the running global top-k holds at most this many entries; beyond, the radix select
 
@@ -347,20 +348,27 @@ def _block_max(flat: torch.Tensor, negate: bool, size: int) -> torch.Tensor:
 def _in_blocks(flat: torch.Tensor, negate: bool, keep: torch.Tensor, size: int, floor: torch.Tensor,
                strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted flat indices and support values of the entries ≥ ``floor`` (> if ``strict``) in the kept blocks."""
+    reaches = (lambda t: t > floor) if strict else (lambda t: t >= floor)
     blocks = torch.nonzero(keep).flatten()
     if blocks.numel() * size * _GATHER_SHARE > flat.numel():  # gathering that many costs more than one comparison
         support_ = _signed(flat, negate)
-        idx = torch.nonzero(support_ > floor if strict else support_ >= floor).flatten()
+        idx = torch.nonzero(reaches(support_)).flatten()
         return idx, support_[idx]
     n_full = flat.numel() // size
     full = blocks[blocks < n_full]
-    rows = _signed(flat[: n_full * size].view(n_full, size).index_select(0, full), negate)  # whole rows: a copy
-    hit = torch.nonzero(rows > floor if strict else rows >= floor)
-    idx = full[hit[:, 0]] * size + hit[:, 1]
-    vals = rows[hit[:, 0], hit[:, 1]]
+    rows = flat[: n_full * size].view(n_full, size).index_select(0, full)  # whole rows: a copy
+    starts = full * size
+    if size >= 2 * _SUB_BLOCK and rows.numel() > _SMALL:  # about one hit per kept block: narrow to sub-blocks
+        per_row = size // _SUB_BLOCK
+        at = torch.nonzero(reaches(_block_max(rows.view(-1), negate, _SUB_BLOCK))).flatten()
+        starts = starts[at // per_row] + at % per_row * _SUB_BLOCK
+        rows = rows.view(-1, _SUB_BLOCK).index_select(0, at)
+    rows = _signed(rows, negate)
+    at = torch.nonzero(reaches(rows).view(-1)).flatten()
+    idx, vals = starts[at // rows.shape[1]] + at % rows.shape[1], rows.view(-1)[at]
     if full.numel() < blocks.numel():  # the short last block
         tail = _signed(flat[n_full * size:], negate)
-        at = torch.nonzero(tail > floor if strict else tail >= floor).flatten()
+        at = torch.nonzero(reaches(tail)).flatten()
         idx, vals = torch.cat([idx, at + n_full * size]), torch.cat([vals, tail[at]])
     return idx, vals
 
@@ -498,6 +506,7 @@ class _RunningTop:
         self.index = torch.empty(0, dtype=torch.long)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._pending_count = 0
+        self._floor = torch.tensor(0.0)  # the float value of keys[-1], set by each merge
 
     def add(self, position: int, values: torch.Tensor, negate: bool = False) -> None:
         if self.k == 0:
@@ -505,11 +514,15 @@ class _RunningTop:
         flat = values.reshape(-1).float()
         if self.keys.device != flat.device:
             self.keys, self.tensor, self.index = (t.to(flat.device) for t in (self.keys, self.tensor, self.index))
-        local = self._above_floor(flat, negate) if self.keys.numel() == self.k else _top(flat, self.k, True, negate)
+        if self.keys.numel() == self.k:
+            local, keys = self._above_floor(flat, negate)
+        else:
+            local = _top(flat, self.k, False, negate)
+            keys = sort_keys(_signed(flat[local], negate))
         self.seen += flat.numel()
         if local.numel() == 0:
             return
-        keys = sort_keys(_signed(flat[local], negate))
+        # In flat-index order: the merge's stable sort then breaks ties by (tensor order, flat index).
         self._pending.append((keys, torch.full_like(keys, position), local))
         self._pending_count += keys.numel()
         if self.keys.numel() < self.k or self._pending_count >= self.k:
@@ -524,10 +537,12 @@ class _RunningTop:
         self.tensor = torch.cat([self.tensor, *(p[1] for p in self._pending)])[order]
         self.index = torch.cat([self.index, *(p[2] for p in self._pending)])[order]
         self._pending, self._pending_count = [], 0
+        self._floor = _key_value(self.keys[-1])
 
-    def _above_floor(self, flat: torch.Tensor, negate: bool) -> torch.Tensor:
-        """Ranked top k (at most) of this tensor's entries strictly above the current k-th key."""
-        floor = _key_value(self.keys[-1])
+    def _above_floor(self, flat: torch.Tensor, negate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tensor's entries strictly above the current k-th key (at most k of them: the top k if more), as
+        flat indices in index order and their sort keys."""
+        floor = self._floor
         n = flat.numel()
         # About k·n/(seen + n) of this tensor's entries can be expected above the floor, not k; blocks sized for
         # that expectation (and never so small that the block maxima cost more than the comparisons they save).
@@ -535,8 +550,15 @@ class _RunningTop:
         got = None
         if n > _SMALL:
             maxima = _block_max(flat, negate, size)
-            if not bool(torch.isnan(maxima.max())):
-                got = _in_blocks(flat, negate, maxima > floor, size, floor, strict=True)
+            top = maxima.max()
+            if not bool(torch.isnan(top)):
+                if not bool(top > floor):  # most tensors late in the stream
+                    return torch.empty(0, dtype=torch.long, device=flat.device), self.keys[:0]
+                keep = maxima > floor
+                bound = _kth_largest(maxima, self.k) if int(keep.sum()) > self.k else floor
+                # Over k blocks above an old floor (early in the stream): this tensor's own top-k bound is higher.
+                got = (_in_blocks(flat, negate, keep, size, floor, strict=True) if bound <= floor else
+                       _in_blocks(flat, negate, maxima >= bound, size, bound, strict=False))
         elif flat.numel() and not bool(torch.isnan(flat.max())):
             support_ = _signed(flat, negate)
             idx = torch.nonzero(support_ > floor).flatten()
@@ -544,11 +566,13 @@ class _RunningTop:
         if got is None:  # NaN: compare sort keys
             keys = sort_keys(_signed(flat, negate))
             idx = torch.nonzero(keys > self.keys[-1]).flatten()
-            got = idx, keys[idx]
-        idx, vals = got
-        if idx.numel() == 0:
-            return idx
-        return _top_of_candidates(idx, vals, min(self.k, idx.numel()), ranked=True)
+            idx, keys = idx, keys[idx]
+        else:
+            idx, keys = got[0], sort_keys(got[1])
+        if idx.numel() > self.k:
+            keep = _top_of_candidates(torch.arange(idx.numel(), device=idx.device), keys, self.k, ranked=False)
+            idx, keys = idx[keep], keys[keep]
+        return idx, keys
 
     def prefix(self, k: int, count: int) -> list[torch.Tensor]:
         """The top ``k`` (k ≤ self.k) split per tensor (``count`` tensors), each sorted by flat index."""
