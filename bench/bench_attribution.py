@@ -237,15 +237,19 @@ def write_report(args, full: dict, subset: dict, ref: dict, plain: dict, err: fl
         f"--reference-examples {args.reference_examples} --max-length {args.max_length} "
         f"--batch-size {args.batch_size} --dtype {args.dtype}`",
         f"Model `{args.model}` ({full['params'] / 1e6:.1f}M parameters, {gib(full['weight_bytes']):.2f} GiB of "
-        f"weights), data `{args.data.name}`, {args.threads} threads, {args.dtype}; run on {time.strftime('%Y-%m-%d')}.",
+        f"weights), data `{args.data.name}`, {args.threads} threads, {args.dtype}; {machine()}; load average at "
+        f"the end {open('/proc/loadavg').read().split()[0]}; {code_version()}; run on {time.strftime('%Y-%m-%d')}. "
+        f"Each variant ran once, in its own subprocess, one after the other.",
         "",
-        "| variant | examples | response tokens | time (s) | s / example | peak RSS (GiB) | RSS before scoring (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | examples | response tokens | time (s) | s / example | response tokens / s | peak RSS (GiB) | "
+        "RSS before scoring (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in (("harmprune, one pass per batch", full), ("harmprune, reference's examples", subset),
                     ("per-layer reference", ref), ("plain forward+backward (activation baseline)", plain)):
         lines.append(f"| {name} | {r['examples']} | {r['tokens']} | {r['seconds']:.1f} | {per_ex(r):.2f} | "
-                     f"{gib(r['peak_rss_bytes']):.2f} | {gib(r['rss_before_bytes']):.2f} |")
+                     f"{r['tokens'] / r['seconds']:.0f} | {gib(r['peak_rss_bytes']):.2f} | "
+                     f"{gib(r['rss_before_bytes']):.2f} |")
     extra = full["peak_rss_bytes"] - full["rss_before_bytes"]
     grads = 4 * full["scored_params"] if args.dtype == "float32" else 2 * full["scored_params"]
     activations = plain["peak_rss_bytes"] - plain["rss_before_bytes"] - grads
@@ -254,6 +258,10 @@ def write_report(args, full: dict, subset: dict, ref: dict, plain: dict, err: fl
         "",
         f"- Speed-up per example: **{per_ex(ref) / per_ex(full):.1f}×** (full run of {full['examples']}) and "
         f"{per_ex(ref) / per_ex(subset):.1f}× on the reference's own {subset['examples']} examples; target ≥ 10×.",
+        f"- `score` against a plain forward+backward of the same batches (no score accumulation; its head runs at "
+        f"every position, scoring's at response positions only): "
+        f"**{full['seconds'] / plain['seconds']:.2f}×** the time ({full['tokens'] / full['seconds']:.0f} vs "
+        f"{plain['tokens'] / plain['seconds']:.0f} response tokens/s).",
         f"- Same result: max relative difference between the two score files on the shared examples "
         f"{err:.1e} (float32 rounding).",
         f"- Memory: scoring added {gib(extra):.2f} GiB over the loaded model (weights {gib(full['weight_bytes']):.2f}"

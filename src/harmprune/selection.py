@@ -552,7 +552,7 @@ class _RunningTop:
             maxima = _block_max(flat, negate, size)
             top = maxima.max()
             if not bool(torch.isnan(top)):
-                if not bool(top > floor):  # most tensors late in the stream
+                if not bool(top > floor):  # no entry above the floor
                     return torch.empty(0, dtype=torch.long, device=flat.device), self.keys[:0]
                 keep = maxima > floor
                 bound = _kth_largest(maxima, self.k) if int(keep.sum()) > self.k else floor
@@ -566,7 +566,7 @@ class _RunningTop:
         if got is None:  # NaN: compare sort keys
             keys = sort_keys(_signed(flat, negate))
             idx = torch.nonzero(keys > self.keys[-1]).flatten()
-            idx, keys = idx, keys[idx]
+            keys = keys[idx]
         else:
             idx, keys = got[0], sort_keys(got[1])
         if idx.numel() > self.k:
