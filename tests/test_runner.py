@@ -230,3 +230,25 @@ def test_a_local_judge_models_files_are_part_of_the_evaluation_key(project, tmp_
                           'judge = "hf-judge"\njudge_model = "aligned"\nprefill_tokens = 3')
     cfg = load_checked_config(write_config(project, text, "local-judge.toml"))
     assert cfg.evaluations["harm"].spec.judge_options["model"] == str((project / "aligned").resolve())
+
+
+def test_report_of_a_run_sharing_stages_lists_only_its_own(project, tmp_path):
+    """Two run directories share one ``stages/`` (as the ablation's do). The second computes only its harm
+    evaluation; its report lists the sample answers of that evaluation, not the first run's, and every score
+    file it used, although the first run computed them."""
+    small = CONFIG.split("[experiments.controls]")[0].replace('models = ["aligned", "unaligned"]',
+                                                               'models = ["aligned"]')
+    first = run_config(write_config(project, small, "share-a.toml"), tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "stages").symlink_to(first / "stages")
+    other = small.replace("prefill_tokens = 3", "prefill_tokens = 2")
+    second = run_config(write_config(project, other, "share-b.toml"), tmp_path / "b")
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["stages"]["reused"] > 0 and summary["stages"]["computed"] > 0
+    md = (second / "report.md").read_text()
+    assert "(prefill 2 tokens)" in md and "(prefill 3 tokens)" not in md
+    assert "(prefill 3 tokens)" in (first / "report.md").read_text()
+    scored = sqlite3.connect(second / "results.sqlite").execute(
+        "SELECT count(*) FROM stages WHERE kind = 'scores'").fetchone()[0]
+    assert scored == 2  # the aligned model's harm and utility scores, computed by the first run
+    assert md.count("| signed-snip | pretrained |") == 2

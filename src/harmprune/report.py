@@ -206,13 +206,22 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ").strip() or "-"
 
 
+def _used_stages(run_dir: Path, kind: str) -> list[Path]:
+    """``stage.json`` of every ``kind`` stage this run used: those its results store lists (a ``stages/`` shared
+    with other run directories holds theirs too); every one if the store lists none (no store, or nothing run)."""
+    found = sorted((run_dir / "stages" / kind).glob("*/stage.json"))
+    store_path = run_dir / "results.sqlite"
+    used = {st["key"] for st in Store(store_path).stages()} if store_path.exists() else set()
+    return [f for f in found if f.parent.name in used] if used else found
+
+
 def _mask_labels(run_dir: Path) -> dict[str, str]:
     """sha256 of every mask a run made -> a short label ("harm set q=1e-05 p=5e-05", "random control seed 0")."""
     from harmprune.io import sha256_file
 
     labels = {}
     for kind in ("mask", "control"):
-        for stage in sorted((run_dir / "stages" / kind).glob("*/stage.json")):
+        for stage in _used_stages(run_dir, kind):
             mask = stage.parent / "mask.safetensors"
             if not mask.exists():
                 continue
@@ -228,7 +237,7 @@ def _answer_samples(run_dir: Path) -> Section:
     from harmprune.generation import read_generations
 
     sec = Section(f"Sample answers (first {SAMPLE_WORDS} words after any prefilled prefix)")
-    stages = sorted((run_dir / "stages" / "evaluate").glob("*/stage.json"))
+    stages = _used_stages(run_dir, "evaluate")
     masks = _mask_labels(run_dir) if stages else {}
     groups: dict[str, list[list[str]]] = {}
     for stage in stages:

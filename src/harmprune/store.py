@@ -61,6 +61,13 @@ class Store:
             db.execute("INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?)",
                        (key, kind, json.dumps(params, sort_keys=True, default=str), output, seconds, time.time()))
 
+    def note_used_stage(self, key: str, kind: str, params: dict[str, Any], output: str,
+                        seconds: float | None) -> None:
+        """Record a stage this run reused (finished earlier, here or in a shared ``stages/``) unless recorded."""
+        with closing(self._connect()) as db, db:
+            db.execute("INSERT OR IGNORE INTO stages VALUES (?, ?, ?, ?, ?, ?)",
+                       (key, kind, json.dumps(params, sort_keys=True, default=str), output, seconds, time.time()))
+
     def stage(self, key: str) -> dict[str, Any] | None:
         with closing(self._connect()) as db:
             row = db.execute("SELECT * FROM stages WHERE key = ?", (key,)).fetchone()

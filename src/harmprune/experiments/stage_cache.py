@@ -51,8 +51,7 @@ class StageCache:
         key = self.key(kind, params)
         final = self.root / kind / key
         if (final / done_file).exists():
-            self.stats["reused"] += 1
-            return final
+            return self._reused(key, kind, params, final)
         partial = _fresh_partial_dir(final)
         start = time.perf_counter()
         log.info("stage %s %s: %s", kind, key, _describe(params))
@@ -66,12 +65,22 @@ class StageCache:
             raise
         if (final / done_file).exists():  # another process (a parallel executor) finished it first
             shutil.rmtree(partial, ignore_errors=True)
-            self.stats["reused"] += 1
-            return final
+            return self._reused(key, kind, params, final)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         self.store.record_stage(key, kind, params, str(final), time.perf_counter() - start)
         self.stats["computed"] += 1
+        return final
+
+    def _reused(self, key: str, kind: str, params: dict[str, Any], final: Path) -> Path:
+        """Count a finished stage as reused and record it in this run's store, so the report lists every stage
+        the run used, also those another run directory computed in a shared ``stages/``."""
+        self.stats["reused"] += 1
+        try:
+            seconds = json.loads((final / "stage.json").read_text()).get("seconds")
+        except (OSError, ValueError):
+            seconds = None
+        self.store.note_used_stage(key, kind, params, str(final), seconds)
         return final
 
     def run_relative(self, path: str | Path) -> str:
