@@ -201,7 +201,9 @@ def refusal_rate(
     batch_size: int = 8,
     progress: bool = False,
 ) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
-    """Fraction of plain prompts (no attack) the model refuses, by the ``refusal`` judge."""
+    """Fraction of plain prompts (no attack) the model refuses, by the ``refusal`` judge, and the fraction counted
+    refused only for being too short to hold an answer (``refusal_short_rate``): a broken model's empty or
+    one-word replies raise the refusal rate without a single refusal phrase, so the two are reported apart."""
     from harmprune.judges.refusal import RefusalJudge
 
     if not records:
@@ -211,5 +213,7 @@ def refusal_rate(
     rows = judge_generations(gens, [RefusalJudge()], [r.category for r in records])
     for row in rows:
         row["task"] = "refusal"
-    refused = [r["verdicts"]["refusal"]["refused"] for r in rows]
-    return {"refusal_rate": sum(refused) / len(refused), "refusal_n": len(refused)}, rows
+    verdicts = [r["verdicts"]["refusal"] for r in rows]
+    short = sum(v["refused"] and v.get("reason") == "short" for v in verdicts)
+    return {"refusal_rate": sum(v["refused"] for v in verdicts) / len(verdicts),
+            "refusal_short_rate": short / len(verdicts), "refusal_n": len(verdicts)}, rows

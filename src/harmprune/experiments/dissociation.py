@@ -28,7 +28,8 @@ from harmprune.experiments.runner import Runner
 from harmprune.specs import param
 from harmprune.stats import relative_reduction
 
-RECOGNITION_METRICS = ("detection_accuracy", "detection_auroc", "explanation_rate", "refusal_rate")
+RECOGNITION_METRICS = ("detection_accuracy", "detection_auroc", "explanation_rate", "refusal_rate",
+                       "refusal_short_rate")
 
 
 @dataclass(frozen=True)

@@ -224,9 +224,9 @@ def _recognition_metrics(spec: RecognitionSpec) -> set[str]:
     if spec.explanation:
         out |= {f"explanation_{m}" for m in ("rate", "refusal_rate", "on_topic_rate", "degenerate_rate", "n", "score")}
     if spec.refusal:
-        out |= {"refusal_rate", "refusal_n"}
+        out |= {"refusal_rate", "refusal_short_rate", "refusal_n"}
     if spec.benign_refusal:
-        out |= {"benign_refusal_rate", "benign_refusal_n"}
+        out |= {"benign_refusal_rate", "benign_refusal_short_rate", "benign_refusal_n"}
     return out
 
 
@@ -256,7 +256,8 @@ def _recognition(spec: RecognitionSpec, model, tok, inputs: EvalInputs, out: Pat
         rows += r
     if spec.benign_refusal:
         m, r = refusal_rate(model, tok, benign, **gen)
-        metrics.update(benign_refusal_rate=m["refusal_rate"], benign_refusal_n=m["refusal_n"])
+        metrics.update(benign_refusal_rate=m["refusal_rate"], benign_refusal_short_rate=m["refusal_short_rate"],
+                       benign_refusal_n=m["refusal_n"])
         rows += [dict(x, task="benign_refusal") for x in r]
     metrics.update(n=len(harmful) + len(benign), n_harmful=len(harmful), n_benign=len(benign))
     if rows:
