@@ -278,7 +278,7 @@ def write_report(args, full: dict, subset: dict, ref: dict, plain: dict, err: fl
         "",
     ]
     print("\n".join(lines))
-    update_section(args.results, "## Attribution (signed-snip)", "\n".join(lines))
+    update_section(args.results, "## Attribution (signed-snip)", "\n".join(lines), keep_history=True)
 
 
 def write_likelihood_report(args, runs: list[dict]) -> None:
