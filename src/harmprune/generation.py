@@ -188,11 +188,12 @@ def generation_record(
         "n_new_tokens": gen.n_new_tokens,
         "finished": gen.finished,
     }
-    row["verdicts"] = {name: _verdict_json(v) for name, v in (verdicts or {}).items()}
+    row["verdicts"] = {name: verdict_record(v) for name, v in (verdicts or {}).items()}
     return row
 
 
-def _verdict_json(verdict: Any) -> dict[str, Any]:
+def verdict_record(verdict: Any) -> dict[str, Any]:
+    """A judge's verdict as stored in a generations row: harmfulness, refused and the judge's details."""
     if isinstance(verdict, Mapping):
         return dict(verdict)
     return {"harmfulness": float(verdict.harmfulness), "refused": bool(verdict.refused), **verdict.details}

@@ -145,15 +145,16 @@ def add_generation_args(p: argparse.ArgumentParser, sampling: bool = True, max_n
         p.add_argument("--n-samples", type=int, default=1, help="samples per prompt (with --do-sample)")
 
 
-def judge_from_args(args: argparse.Namespace, name: str | None = None):
-    """Build the judge named by ``--judge`` from the ``--judge-*`` flags, checked as a config's judge options."""
+def judge_from_args(args: argparse.Namespace, name: str | None = None, where: str | None = None):
+    """Build the judge named by ``--judge`` from the ``--judge-*`` flags, checked as a config's judge options;
+    ``where`` names the command in error messages (default: ``eval <command>``)."""
     from harmprune.judges import get_judge, judge_options
     from harmprune.specs import Context, parse
 
     name = name or args.judge
     given = judge_keys(args, name)
     checked = parse(judge_options(name), {k.removeprefix("judge_"): v for k, v in given.items()}, "judge_",
-                    Context(f"eval {args.eval_command}"))
+                    Context(where or f"eval {args.eval_command}"))
     return get_judge(name, **{k.removeprefix("judge_"): getattr(checked, k.removeprefix("judge_")) for k in given})
 
 
@@ -170,7 +171,7 @@ def judge_keys(args: argparse.Namespace, name: str | None) -> dict[str, object]:
     takes = {f.name for f in dataclasses.fields(judge_options(name))}
     if "judge_model" in given and "model" not in takes and "base_model" in takes:  # strongreject-finetuned
         given["judge_base_model"] = given.pop("judge_model")
-    if args.device and "device" in takes:
+    if getattr(args, "device", None) and "device" in takes:
         given["judge_device"] = args.device
     return given
 

@@ -48,6 +48,27 @@ def add_commands(subparsers) -> None:
     c.add_argument("--out", default=None, help="also write the JSON to this file")
     c.set_defaults(func=_check)
     _harm_commands(sub)
+    _grade_command(sub)
+
+
+def _grade_command(sub) -> None:
+    from harmprune.cli.evals import add_judge_args
+
+    g = sub.add_parser(
+        "grade", help="grade the answers of a generations.jsonl with another judge, and its agreement with the "
+                      "judges already there",
+        description="Adds --judge's verdicts to every row of GENERATIONS (a generations.jsonl, or an eval or stage "
+        "directory holding one), keeping the verdicts already there, and writes the result to --out. Prints JSON: "
+        "the judge's harmfulness, refusal rate and per-category harmfulness, and for every judge that already "
+        "graded all rows the share of answers both call refused (and harmful: harmfulness >= 0.5) with Cohen's "
+        "kappa. Nothing is generated again.",
+    )
+    g.add_argument("generations", metavar="GENERATIONS", help="generations.jsonl, or a directory holding one")
+    add_judge_args(g, default="refusal")
+    g.add_argument("--device", default=None, help="where a model judge runs (default: GPU if available)")
+    g.add_argument("--out", required=True, help="the graded generations (a new generations.jsonl)")
+    g.add_argument("--report", default=None, help="also write the JSON report to this file")
+    g.set_defaults(func=_grade)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -166,4 +187,25 @@ def _check_harm(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2))
     if args.out:
         atomic_write_json(args.out, result)
+    return 0
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from harmprune.cli.evals import judge_from_args
+    from harmprune.errors import DataError
+    from harmprune.evals.regrade import regrade
+    from harmprune.generation import read_generations, write_generations
+    from harmprune.io import atomic_write_json
+
+    source = Path(args.generations)
+    if source.is_dir():
+        source = source / "generations.jsonl"
+    if not source.is_file():
+        raise DataError(f"{args.generations}: no such generations file (nor a directory holding generations.jsonl)")
+    judge = judge_from_args(args, where=f"judge grade {source}")
+    rows, report = regrade(read_generations(source), judge, str(source))
+    write_generations(args.out, rows)
+    print(json.dumps(report, indent=2))
+    if args.report:
+        atomic_write_json(args.report, report)
     return 0
