@@ -175,6 +175,16 @@ def test_run_set_from_the_cli_and_the_config_a_run_directory_keeps(project, tmp_
     ("seeds = [0]", "seeds = [0]\nmodels = [\"alligned\"]", "names unknown model 'alligned'; did you mean 'aligned'"),
     ('benign_data = "benign"', 'benign_data = "benign"\nmax_length = 1', "evaluations.nll.max_length 1 must be at least 2"),
     ('kind = "likelihood"', 'kind = "utility"', "evaluations.nll.data: unknown key"),
+    ('judge = "refusal"', 'judge = "refusal"\nextra_judge_options = { organism = { min_terms = 2 } }',
+     "evaluations.harm.extra_judge_options.organism: 'organism' is not in 'evaluations.harm.extra_judges' (empty)"),
+    ('judge = "refusal"', 'judge = "refusal"\nextra_judges = ["organism"]\nextra_judge_options = ["organism"]',
+     "evaluations.harm.extra_judge_options must be a table of option tables"),
+    ('judge = "refusal"', 'judge = "refusal"\nextra_judges = ["organism"]\n'
+     'extra_judge_options = { organism = { min_term = 2 } }', "evaluations.harm.extra_judge_options.organism.min_term: "
+     "judge 'organism' takes no option 'min_term'; did you mean 'min_terms'"),
+    ('judge = "refusal"', 'judge = "refusal"\nextra_judges = ["organism"]\n'
+     'extra_judge_options = { organism = { min_terms = "two" } }',
+     "evaluations.harm.extra_judge_options.organism.min_terms 'two' must be an integer"),
 ])
 def test_every_section_is_checked_before_any_work(project, old, new, message):
     cfg = write(project, CONFIG.replace(old, new, 1), "bad.toml")
@@ -257,6 +267,27 @@ def test_a_changed_data_set_changes_the_key_whatever_the_field_is_called(project
     # recognition's harmful/benign sets are found by declaration too, not by a list of names
     recognition = _evaluation_key(project, CONFIG, "recognition")
     assert set(recognition["data"]) == {"harmful[0]", "benign[0]"}
+
+
+def test_extra_judges_take_options_that_reach_the_judge_and_the_key(project, monkeypatch):
+    """``extra_judge_options`` gives each extra judge its options, checked like ``judge_<option>``; a relative
+    grader path is found next to the config, and the options and the grader's files are part of the key."""
+    from harmprune.experiments import evaluations
+
+    base = CONFIG.replace('judge = "refusal"', 'judge = "refusal"\nextra_judges = ["organism", "hf-judge"]')
+    text = base.replace('extra_judges = ["organism", "hf-judge"]', 'extra_judges = ["organism", "hf-judge"]\n'
+                        'extra_judge_options = { organism = { min_terms = 3 }, hf-judge = { model = "model" } }')
+    spec = load_checked_config(write(project, text, "extra.toml")).evaluations["harm"].spec
+    assert spec.extra_judge_options == {"organism": {"min_terms": 3},
+                                        "hf-judge": {"model": str((project / "model").resolve())}}
+    assert evaluations.judge_files(spec) == {"extra_judge_hf-judge_model": str((project / "model").resolve())}
+    assert _evaluation_key(project, text, "harm") != _evaluation_key(project, base, "harm")
+    made = []
+    monkeypatch.setattr("harmprune.judges.get_judge", lambda name, **o: made.append((name, o)) or name)
+    monkeypatch.setattr("harmprune.evals.harm.evaluate_harm", lambda *a, **k: ({}, []))
+    evaluations._harm(spec, None, None, type("Inputs", (), {"records": lambda self, n: [], "fmt": "chat",
+                                                            "seed": 0})(), project)
+    assert made[1:] == [("organism", {"min_terms": 3}), ("hf-judge", {"model": str((project / "model").resolve())})]
 
 
 def test_evaluation_keys_hash_the_table_as_written(project):

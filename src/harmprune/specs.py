@@ -67,6 +67,12 @@ def options(of: str, prefix: str) -> Any:
     return field(default_factory=dict, metadata={"options_of": of, "prefix": prefix})
 
 
+def options_by_name(of: str) -> Any:
+    """A table of option tables, one per name listed in field ``of`` (``extra_judge_options =
+    {harm-classifier = {model = "DIR"}}`` for ``extra_judges``): each checked against that thing's own spec."""
+    return field(default_factory=dict, metadata={"options_by_name_of": of})
+
+
 @dataclass
 class Context:
     """What a spec's references are checked against."""
@@ -105,12 +111,17 @@ def parse_table(spec: type[T], table: Mapping[str, Any], prefix: str, ctx: Conte
         if key not in fields or "options_of" in fields[key].metadata:
             raise ctx.error(prefix + key, _unknown(key, [k for k in fields if "options_of" not in fields[k].metadata]
                                                    + [p + "*" for p in groups]))
+        if "options_by_name_of" in fields[key].metadata:
+            continue  # checked below, once the names it is keyed by are known
         values[key], resolved[key] = _field_value(fields[key], hints[key], value, prefix + key, ctx)
     for f in fields.values():
         if f.name not in values and "options_of" not in f.metadata and _required(f):
             raise ctx.error(prefix + f.name, " is missing")
     for g in groups.values():
         values[g.name] = _parse_group(g, grouped[g.name], values, fields, prefix, ctx, resolved)
+    for f in fields.values():
+        if "options_by_name_of" in f.metadata and f.name in table:
+            values[f.name], resolved[f.name] = _parse_by_name(f, table[f.name], values, fields, prefix, ctx)
     instance = spec(**values)
     for f in fields.values():  # defaults too: a default evaluation the config lacks fails here, not mid-run
         if f.metadata.get("ref") in NAMED_REFS:
@@ -212,6 +223,42 @@ def _parse_group(g: dataclasses.Field, given: dict[str, Any], values: dict[str, 
     for k in given:
         resolved[pre + k] = sub_resolved[k]
     return {k: getattr(instance, k) for k in given}
+
+
+def _parse_by_name(f: dataclasses.Field, given: Any, values: dict[str, Any], fields: Mapping[str, dataclasses.Field],
+                   prefix: str, ctx: Context) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(checked options, options as a cache key sees them) per name of an :func:`options_by_name` field."""
+    of = f.metadata["options_by_name_of"]
+    key = prefix + f.name
+    if not isinstance(given, Mapping):
+        raise ctx.error(key, f" must be a table of option tables, one per name in '{prefix}{of}'")
+    names = _as_list(values[of] if of in values else _default(fields[of]))
+    ref = fields[of].metadata.get("ref") or of
+    checked: dict[str, dict[str, Any]] = {}
+    resolved: dict[str, dict[str, Any]] = {}
+    for name, table in given.items():
+        where = f"{key}.{name}"
+        if name not in names:
+            raise ctx.error(where, f": {name!r} is not in '{prefix}{of}' ({', '.join(map(repr, names)) or 'empty'})")
+        if not isinstance(table, Mapping):
+            raise ctx.error(where, " must be a table of options")
+        spec = ctx.options_spec(ref, name)
+        if spec is None:
+            checked[name] = resolved[name] = dict(table)
+            continue
+        allowed = [x.name for x in dataclasses.fields(spec)]
+        for k in table:
+            if k not in allowed:
+                raise ctx.error(f"{where}.{k}", f": {ref} {name!r} takes no option {k!r}" + _did_you_mean(k, allowed)
+                                + f" (its options: {', '.join(allowed)})")
+        instance, sub_resolved = parse_table(spec, table, where + ".", ctx)
+        checked[name] = {k: getattr(instance, k) for k in table}
+        resolved[name] = {k: sub_resolved[k] for k in table}
+    return checked, resolved
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
 
 
 def _check_metric(instance: Any, f: dataclasses.Field, prefix: str, ctx: Context) -> None:

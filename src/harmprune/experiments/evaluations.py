@@ -23,7 +23,7 @@ from harmprune.data import Record
 from harmprune.evals.scoring import DEFAULT_BATCH_TOKENS
 from harmprune.generation import write_generations
 from harmprune.registry import Registry
-from harmprune.specs import Invalid, options, param
+from harmprune.specs import Invalid, options, options_by_name, param
 
 MATCHES = ("exact", "contains")
 PATH_REFS = ("file", "dir", "source")
@@ -72,6 +72,7 @@ class HarmSpec:
     judge: str = param("refusal", ref="judge")
     judge_options: dict[str, Any] = options("judge", "judge_")
     extra_judges: list[str] = param([], ref="judge")
+    extra_judge_options: dict[str, dict[str, Any]] = options_by_name("extra_judges")
     prefill_tokens: int = param(0, at_least=0)
     prefill_from: str | None = param(None, ref="data")
     max_new_tokens: int = param(128, at_least=1)
@@ -96,7 +97,8 @@ def _harm(spec: HarmSpec, model, tok, inputs: EvalInputs, out: Path) -> dict[str
         model, tok, inputs.records(spec.data), get_judge(spec.judge, **spec.judge_options),
         prefill_tokens=spec.prefill_tokens, prefill_from=refs, fmt=inputs.fmt, max_new_tokens=spec.max_new_tokens,
         batch_size=spec.batch_size, do_sample=spec.do_sample, temperature=spec.temperature, top_p=spec.top_p,
-        n_samples=spec.n_samples, seed=inputs.seed, extra_judges=[get_judge(n) for n in spec.extra_judges],
+        n_samples=spec.n_samples, seed=inputs.seed,
+        extra_judges=[get_judge(n, **spec.extra_judge_options.get(n, {})) for n in spec.extra_judges],
         progress=True)
     write_generations(out / "generations.jsonl", rows)
     return metrics
@@ -379,14 +381,21 @@ def run_evaluation(spec: Any, model, tok, inputs: EvalInputs, out: Path) -> dict
 
 
 def judge_files(spec: Any) -> dict[str, str]:
-    """``judge_<option>`` -> the local file or directory each path option of the spec's judge names (a grader
-    model, an adapter, a prompt file): a grader retrained in place must not reuse old verdicts."""
+    """``judge_<option>`` (``extra_judge_<name>_<option>``) -> the local file or directory each path option of the
+    spec's judges names (a grader model, an adapter, a prompt file): a grader retrained in place must not reuse old
+    verdicts."""
+    out = _path_options(getattr(spec, "judge", None), getattr(spec, "judge_options", {}), "judge_")
+    for name, given in getattr(spec, "extra_judge_options", {}).items():
+        out |= _path_options(name, given, f"extra_judge_{name}_")
+    return out
+
+
+def _path_options(judge: str | None, given: dict[str, Any], prefix: str) -> dict[str, str]:
     import dataclasses
 
     from harmprune.judges import judge_options
 
-    judge, given = getattr(spec, "judge", None), getattr(spec, "judge_options", {})
     if not judge or not given:
         return {}
     refs = {f.name for f in dataclasses.fields(judge_options(judge)) if f.metadata.get("ref") in PATH_REFS}
-    return {f"judge_{k}": v for k, v in given.items() if k in refs and isinstance(v, str) and Path(v).exists()}
+    return {prefix + k: v for k, v in given.items() if k in refs and isinstance(v, str) and Path(v).exists()}
