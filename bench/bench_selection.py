@@ -42,9 +42,15 @@ SHAPES = {
 
 
 def write_scores(shape: ModelShape, layers: int, path: Path, seed: int, method: str) -> int:
-    """One float32 score file with the model's scored matrices (random normal values); returns the entry count."""
+    """One float32 score file with the model's scored matrices; returns the entry count. Random normal values
+    for a signed method; for an absolute one (``snip``: |W| ⊙ Σ|∇W|) the product of two |normal| draws, which is
+    non-negative and heavy-tailed like the real scores."""
+    from harmprune.scoring_methods import scoring_method
+
     g = torch.Generator().manual_seed(seed)
-    tensors = {f"model.layers.{i}.{m}.weight": torch.randn(o, k, generator=g)
+    draw = ((lambda o, k: torch.randn(o, k, generator=g)) if scoring_method(method).signed else
+            (lambda o, k: torch.randn(o, k, generator=g).abs_() * torch.randn(o, k, generator=g).abs_()))
+    tensors = {f"model.layers.{i}.{m}.weight": draw(o, k)
                for i in range(layers) for m, (o, k) in shape.linear_shapes().items()}
     save_tensors(tensors, path, {"method": method})
     return sum(t.numel() for t in tensors.values())
@@ -96,7 +102,7 @@ def bench_shape(spec: str, args, tmp: Path) -> list[dict]:
     shape = SHAPES[name]
     layers = int(layers or shape.layers)
     n = write_scores(shape, layers, tmp / "harm.safetensors", 0, "signed-snip")
-    write_scores(shape, layers, tmp / "util.safetensors", 1, "signed-snip")
+    write_scores(shape, layers, tmp / "util.safetensors", 1, args.utility_method)
     harm, util = TensorFile(tmp / "harm.safetensors"), TensorFile(tmp / "util.safetensors")
     read_all(harm, util)  # into the page cache
     rows = []
@@ -130,6 +136,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "llama-3.1-8b:1"])
     ap.add_argument("--granularities", nargs="+", default=["matrix", "global"],
                     choices=["matrix", "row", "global"])
+    ap.add_argument("--utility-method", default="signed-snip", choices=["signed-snip", "snip"],
+                    help="the utility file's method (the study's recipe: snip)")
     ap.add_argument("--q", type=float, default=1e-5)
     ap.add_argument("--p", type=float, default=5e-5)
     ap.add_argument("--sweep", type=float, nargs="+", default=[1, 3, 10, 30],
@@ -162,7 +170,10 @@ def report(args, rows: list[dict]) -> None:
         "",
         f"Command: `.venv/bin/python bench/bench_selection.py --shapes {' '.join(args.shapes)} --granularities "
         f"{' '.join(args.granularities)} --q {args.q:g} --p {args.p:g} --sweep {' '.join(f'{m:g}' for m in args.sweep)}"
-        f" --threads {args.threads} --repeats {args.repeats}{' --skip-old' * args.skip_old}`. Harm and utility score files (float32, random normal, signed-snip) with the "
+        f" --threads {args.threads} --repeats {args.repeats}{' --skip-old' * args.skip_old}"
+        f"{f' --utility-method {args.utility_method}' * (args.utility_method != 'signed-snip')}`. Harm and utility "
+        f"score files (float32; harm: signed-snip, random normal; utility: {args.utility_method}"
+        f"{', random normal' if args.utility_method == 'signed-snip' else ', |normal| × |normal|'}) with the "
         f"scored shapes named; all times from the page cache; {machine()}; load average at the end "
         f"{open('/proc/loadavg').read().split()[0]} (other jobs shared the CPU); {code_version()}; "
         f"run on {time.strftime('%Y-%m-%d')}.",
