@@ -107,6 +107,9 @@ def test_the_base_config_passes(project):
     ('judge = "refusal"', 'judge = "refusal"\njudge_base_url = "http://x/v1"', "evaluations.harm.judge_base_url",
      "judge 'refusal' takes no option 'base_url'"),
     ("q = [0.05]", "q = [true]", "selection.q", "must be a number in [0, 1]"),
+    ('judge = "refusal"', 'judge = "refusal"\nextra_judges = ["organism"]\n'
+     'extra_judge_options = { organism = { min_terms = "two" } }', "evaluations.harm.extra_judge_options.organism."
+     "min_terms", "must be an integer"),
 ])
 def test_run_check_refuses_a_bad_value_in_one_line_and_writes_nothing(project, tmp_path, old, new, key, words):
     cfg = write(project, CONFIG.replace(old, new), "bad.toml")
