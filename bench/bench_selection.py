@@ -98,12 +98,23 @@ def same(a: dict, b: dict) -> bool:
 
 
 def bench_shape(spec: str, args, tmp: Path) -> list[dict]:
+    """The rows of one model shape: a harm and a utility file of random scores written, timed, removed."""
     name, _, layers = spec.partition(":")
     shape = SHAPES[name]
     layers = int(layers or shape.layers)
-    n = write_scores(shape, layers, tmp / "harm.safetensors", 0, "signed-snip")
+    write_scores(shape, layers, tmp / "harm.safetensors", 0, "signed-snip")
     write_scores(shape, layers, tmp / "util.safetensors", 1, args.utility_method)
-    harm, util = TensorFile(tmp / "harm.safetensors"), TensorFile(tmp / "util.safetensors")
+    rows = bench_files(f"{name} ({layers} layer{'s' * (layers > 1)})", tmp / "harm.safetensors",
+                       tmp / "util.safetensors", args)
+    for f in ("harm.safetensors", "util.safetensors"):
+        (tmp / f).unlink()
+    return rows
+
+
+def bench_files(label: str, harm_path: Path, util_path: Path, args) -> list[dict]:
+    """One row per granularity: read and selection of these two score files, alternating, and the sweep."""
+    harm, util = TensorFile(harm_path), TensorFile(util_path)
+    n = sum(math.prod(harm.shape(name)) for name in harm.names())
     read_all(harm, util)  # into the page cache
     rows = []
     for granularity in args.granularities:
@@ -118,22 +129,21 @@ def bench_shape(spec: str, args, tmp: Path) -> list[dict]:
         qs = [args.q * m for m in args.sweep]
         t_each, each = timed(lambda: {q: select(harm, util, q, args.p, granularity).indices for q in qs})
         t_grid, grid = timed(lambda: select_grid(harm, util, qs, [args.p], granularity))
-        rows.append({"shape": f"{name} ({layers} layer{'s' * (layers > 1)})", "entries": n,
-                     "file_gib": 4 * n / 2**30, "granularity": granularity, "read": read, "old": t_old,
-                     "new": t_new, "reads": reads, "news": news,
+        rows.append({"shape": label, "entries": n, "file_gib": 4 * n / 2**30, "granularity": granularity,
+                     "read": read, "old": t_old, "new": t_new, "reads": reads, "news": news,
                      "paired": statistics.median(t / r for t, r in zip(news, reads)),
                      "selected": sum(t.numel() for t in new.values()),
                      "same": same(old, new) and all(same(each[q], grid[(q, args.p)].indices) for q in qs),
                      "sweep": len(qs), "each": t_each, "grid": t_grid})
         print(rows[-1], flush=True)
-    for f in ("harm.safetensors", "util.safetensors"):
-        (tmp / f).unlink()
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "llama-3.1-8b:1"])
+    ap.add_argument("--shapes", nargs="*", default=["qwen2.5-0.5b", "llama-3.1-8b:1"])
+    ap.add_argument("--files", nargs=2, metavar=("HARM", "UTILITY"), default=None,
+                    help="also time two score files `harmprune score` wrote (their methods from their metadata)")
     ap.add_argument("--granularities", nargs="+", default=["matrix", "global"],
                     choices=["matrix", "row", "global"])
     ap.add_argument("--utility-method", default="signed-snip", choices=["signed-snip", "snip"],
@@ -152,6 +162,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         rows = [r for spec in args.shapes for r in bench_shape(spec, args, Path(tmp))]
+    if args.files:
+        harm, util = map(Path, args.files)
+        rows += bench_files(f"files {harm.name} + {util.name}", harm, util, args)
     report(args, rows)
 
 
@@ -171,10 +184,11 @@ def report(args, rows: list[dict]) -> None:
         f"Command: `.venv/bin/python bench/bench_selection.py --shapes {' '.join(args.shapes)} --granularities "
         f"{' '.join(args.granularities)} --q {args.q:g} --p {args.p:g} --sweep {' '.join(f'{m:g}' for m in args.sweep)}"
         f" --threads {args.threads} --repeats {args.repeats}{' --skip-old' * args.skip_old}"
-        f"{f' --utility-method {args.utility_method}' * (args.utility_method != 'signed-snip')}`. Harm and utility "
+        f"{f' --utility-method {args.utility_method}' * (args.utility_method != 'signed-snip')}"
+        f"{f' --files {args.files[0]} {args.files[1]}' if args.files else ''}`. Harm and utility "
         f"score files (float32; harm: signed-snip, random normal; utility: {args.utility_method}"
         f"{', random normal' if args.utility_method == 'signed-snip' else ', |normal| × |normal|'}) with the "
-        f"scored shapes named; all times from the page cache; {machine()}; load average at the end "
+        f"scored shapes named{'; and the two --files' if args.files else ''}; all times from the page cache; {machine()}; load average at the end "
         f"{open('/proc/loadavg').read().split()[0]} (other jobs shared the CPU); {code_version()}; "
         f"run on {time.strftime('%Y-%m-%d')}.",
         "",

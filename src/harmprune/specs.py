@@ -214,11 +214,7 @@ def _parse_group(g: dataclasses.Field, given: dict[str, Any], values: dict[str, 
     spec = ctx.options_spec(ref, owner)
     if spec is None:
         return dict(given)
-    allowed = [f.name for f in dataclasses.fields(spec)]
-    for k in given:
-        if k not in allowed:
-            raise ctx.error(prefix + pre + k, f": {of} {owner!r} takes no option {k!r}"
-                            + _did_you_mean(k, allowed) + f" (its options: {', '.join(pre + a for a in allowed)})")
+    _check_option_keys(spec, given, f"{of} {owner!r}", prefix + pre, pre, ctx)
     instance, sub_resolved = parse_table(spec, given, prefix + pre, ctx)
     for k in given:
         resolved[pre + k] = sub_resolved[k]
@@ -246,15 +242,21 @@ def _parse_by_name(f: dataclasses.Field, given: Any, values: dict[str, Any], fie
         if spec is None:
             checked[name] = resolved[name] = dict(table)
             continue
-        allowed = [x.name for x in dataclasses.fields(spec)]
-        for k in table:
-            if k not in allowed:
-                raise ctx.error(f"{where}.{k}", f": {ref} {name!r} takes no option {k!r}" + _did_you_mean(k, allowed)
-                                + f" (its options: {', '.join(allowed)})")
+        _check_option_keys(spec, table, f"{ref} {name!r}", where + ".", "", ctx)
         instance, sub_resolved = parse_table(spec, table, where + ".", ctx)
         checked[name] = {k: getattr(instance, k) for k in table}
         resolved[name] = {k: sub_resolved[k] for k in table}
     return checked, resolved
+
+
+def _check_option_keys(spec: type, given: Mapping[str, Any], owner: str, key_prefix: str, shown_prefix: str,
+                       ctx: Context) -> None:
+    """Every key of ``given`` is an option of ``spec``, or one line naming the key, its owner and the options."""
+    allowed = [f.name for f in dataclasses.fields(spec)]
+    for k in given:
+        if k not in allowed:
+            raise ctx.error(key_prefix + k, f": {owner} takes no option {k!r}" + _did_you_mean(k, allowed)
+                            + f" (its options: {', '.join(shown_prefix + a for a in allowed)})")
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -56,16 +56,12 @@ class Store:
         db.row_factory = sqlite3.Row
         return db
 
-    def record_stage(self, key: str, kind: str, params: dict[str, Any], output: str, seconds: float) -> None:
+    def record_stage(self, key: str, kind: str, params: dict[str, Any], output: str, seconds: float | None,
+                     reused: bool = False) -> None:
+        """Record a stage this run computed, or (``reused``) one it found finished, here or in a shared
+        ``stages/``: then an existing record of it is kept."""
         with closing(self._connect()) as db, db:
-            db.execute("INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?)",
-                       (key, kind, json.dumps(params, sort_keys=True, default=str), output, seconds, time.time()))
-
-    def note_used_stage(self, key: str, kind: str, params: dict[str, Any], output: str,
-                        seconds: float | None) -> None:
-        """Record a stage this run reused (finished earlier, here or in a shared ``stages/``) unless recorded."""
-        with closing(self._connect()) as db, db:
-            db.execute("INSERT OR IGNORE INTO stages VALUES (?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT OR {'IGNORE' if reused else 'REPLACE'} INTO stages VALUES (?, ?, ?, ?, ?, ?)",
                        (key, kind, json.dumps(params, sort_keys=True, default=str), output, seconds, time.time()))
 
     def stage(self, key: str) -> dict[str, Any] | None:

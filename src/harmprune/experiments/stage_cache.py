@@ -80,7 +80,7 @@ class StageCache:
             seconds = json.loads((final / "stage.json").read_text()).get("seconds")
         except (OSError, ValueError):
             seconds = None
-        self.store.note_used_stage(key, kind, params, str(final), seconds)
+        self.store.record_stage(key, kind, params, str(final), seconds, reused=True)
         return final
 
     def run_relative(self, path: str | Path) -> str:
