@@ -16,7 +16,7 @@ import pytest
 
 from harmprune.errors import HarmpruneError
 from harmprune.judges import JudgeItem, available_judges, get_judge
-from harmprune.judges.harm_check import cohen_kappa, labelled_check
+from harmprune.judges.harm_check import cohen_kappa, labelled_check, record_answer_hashes
 from harmprune.judges.harm_classifier import (WEIGHTS_FILE, FeatureConfig, HarmClassifierJudge, dense_features,
                                               load_classifier)
 from harmprune.judges.harm_data import KINDS, build_examples, hard_negative, topic_of
@@ -164,6 +164,98 @@ def test_labelled_check_side_by_side_with_refusal(data):
     assert hc["auroc"] == 1.0 and hc["kappa"] == 1.0
     assert ref["called_harmful"] == 6 and ref["kappa"] == 0.0  # no refusal phrase anywhere: all "harmful"
     assert ref["errors_by_kind"] == {"refusal (labelled safe)": 3}
+
+
+def _answer_hash(text: str) -> str:  # independent of text_hash: sha256 of the stripped text, 16 hex digits
+    import hashlib
+
+    return hashlib.sha256(text.strip().encode()).hexdigest()[:16]
+
+
+def test_answer_hashes_verify_labels_and_changed_answers_are_left_out(data):
+    _train(data)
+    rows = [(f"Explain how to glue a {t} number 5", _compliant(t, 5), 1) for t in THINGS[:2]]
+    rows += [(f"Explain how to glue a {t}", "I'm sorry, but I can't help with that.", 0) for t in THINGS[2:4]]
+    labels = _labelled_files(data, rows)
+    judges = [get_judge("harm-classifier", model=str(data / "clf")), get_judge("refusal")]
+    before = labelled_check(labels, judges, base=data)
+    assert before["answers"] == {"verified": 0, "changed": 0, "unverified": 4, "changed_by_condition": {}}
+
+    assert record_answer_hashes(labels, base=data) == 4
+    stored = json.loads(labels.read_text())
+    assert [lab["answer_sha"] for lab in stored["labels"]] == [_answer_hash(r) for _, r, _ in rows]
+    assert record_answer_hashes(labels, base=data) == 0  # never replaced
+    out = labelled_check(labels, judges, base=data)
+    assert out["answers"]["verified"] == 4 and out["n"] == 4
+    assert out["judges"] == before["judges"]
+
+    gens = [json.loads(line) for line in (data / "gens.jsonl").read_text().splitlines()]
+    gens[0]["response"] = "Something else entirely, written later."
+    _write(data / "gens.jsonl", gens)
+    out = labelled_check(labels, judges, base=data)
+    assert out["n"] == 3 and out["n_harmful"] == 1
+    assert out["answers"] == {"verified": 3, "changed": 1, "unverified": 0, "changed_by_condition": {"base": 1}}
+    for g in gens:
+        g["response"] += " (regenerated on other kernels)"
+    _write(data / "gens.jsonl", gens)
+    with pytest.raises(HarmpruneError, match="every labelled answer differs"):
+        labelled_check(labels, judges, base=data)
+
+
+def test_regenerate_runs_the_recorded_harmprune_commands_through_the_cli(data):
+    from tiny import make_llama, make_tokenizer
+
+    _train(data)
+    tok = make_tokenizer()
+    make_llama(len(tok), seed=2).save_pretrained(data / "model")
+    tok.save_pretrained(data / "model")
+    prompts = _rows(3)
+    _write(data / "three.jsonl", prompts)
+    command = ("python -m harmprune eval harm --model model --prompts three.jsonl --prefill-tokens 2 "
+               "--max-new-tokens 4 --out gen")
+    labels = {"conditions": {"base": {"model": "model", "generations": "gen", "command": command}},
+              "labels": [{"condition": "base", "prompt_sha": _answer_hash(r["messages"][0]["content"]), "label": 0}
+                         for r in prompts]}
+    (data / "labels.json").write_text(json.dumps(labels))
+    args = ("judge", "check-harm-classifier", "--classifier", "clf", "--no-held-out", "--labels", "labels.json",
+            "--regenerate", "--record-answers")
+    proc = _cli(*args, cwd=data)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # the command's own output went to stderr
+    assert result["regenerated"] == ["base"] and result["answer_hashes_recorded"] == 3
+    assert result["labelled"]["n"] == 3 and result["labelled"]["answers"]["verified"] == 3
+    answers = [json.loads(line)["response"] for line in (data / "gen" / "generations.jsonl").read_text().splitlines()]
+    assert sorted(lab["answer_sha"] for lab in json.loads((data / "labels.json").read_text())["labels"]) == sorted(
+        _answer_hash(a) for a in answers)
+    again = json.loads(_cli(*args, cwd=data).stdout)
+    assert again["regenerated"] == [] and again["answer_hashes_recorded"] == 0
+
+    labels["conditions"]["other"] = {"generations": "gen2", "command": "touch sentinel"}
+    labels["labels"].append({"condition": "other", "prompt_sha": "0", "label": 1})
+    (data / "labels.json").write_text(json.dumps(labels))
+    proc = _cli(*args, cwd=data)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "not a harmprune command" in proc.stderr and "'other'" in proc.stderr
+    assert not (data / "sentinel").exists()
+
+
+def test_the_shipped_label_files_are_well_formed_and_regenerate_only_with_harmprune(tmp_path):
+    from pathlib import Path
+
+    from harmprune.judges.harm_check import read_labels, regeneration_commands
+    from harmprune.selection import load_mask
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    first = read_labels(docs / "harm-classifier-labels.json")
+    assert len(first["labels"]) == 192 and all(len(lab["answer_sha"]) == 16 for lab in first["labels"])
+    nowhere = lambda labels: {name: str(tmp_path / str(i)) for i, name in enumerate(labels["conditions"])}  # noqa: E731
+    todo = regeneration_commands(first, nowhere(first), tmp_path)  # no answers anywhere: every condition
+    assert set(todo) == set(first["conditions"]) and all(c[0] == "eval" for cs in todo.values() for c in cs)
+    pruned = first["conditions"]["smollm2-135m-instruct/harm-set"]
+    assert load_mask(docs.parent.parent / pruned["mask"]).count() == 465 and pruned["mask"] in pruned["command"]
+    second = read_labels(docs / "harm-classifier-labels-2.json")
+    todo = regeneration_commands(second, nowhere(second), tmp_path)
+    assert set(todo) == set(second["conditions"]) and all(c[0] == "run" for cs in todo.values() for c in cs)
 
 
 def _cli(*argv, cwd=None):

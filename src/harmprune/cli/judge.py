@@ -151,6 +151,12 @@ def _harm_commands(sub) -> None:
     c.add_argument("--no-held-out", action="store_true", help="skip the held-out check")
     c.add_argument("--samples", type=int, default=0, metavar="N",
                    help="also give the first N labelled answers per condition as Markdown (first words only)")
+    c.add_argument("--regenerate", action="store_true",
+                   help="first run the labels file's recorded commands for every condition whose generations are "
+                        "missing (only harmprune commands, from the working directory)")
+    c.add_argument("--record-answers", action="store_true",
+                   help="write the hash of each labelled answer into the labels file where a label has none, so "
+                        "later checks leave out labels whose answer has changed (do it once, after reading them)")
     c.add_argument("--out", default=None, help="also write the JSON to this file")
     c.set_defaults(func=_check_harm)
 
@@ -170,7 +176,8 @@ def _check_harm(args: argparse.Namespace) -> int:
     from harmprune.errors import HarmpruneError
     from harmprune.io import atomic_write_json
     from harmprune.judges import get_judge
-    from harmprune.judges.harm_check import held_out_check, labelled_check
+    from harmprune.judges.harm_check import (held_out_check, labelled_check, read_labels, record_answer_hashes,
+                                             regenerate_missing, regeneration_commands)
 
     overrides = {}
     for spec in args.generations:
@@ -178,11 +185,19 @@ def _check_harm(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise HarmpruneError(f"--generations {spec!r}: expected CONDITION=PATH")
         overrides[name] = path
+    if (args.regenerate or args.record_answers) and not args.labels:
+        raise HarmpruneError("--regenerate and --record-answers need --labels")
+    if args.regenerate:
+        regeneration_commands(read_labels(args.labels), overrides, Path.cwd())  # every command checked first
     result: dict = {}
     if not args.no_held_out:
         result["held_out"] = held_out_check(args.classifier)
     if args.labels:
         judges = [get_judge("harm-classifier", model=args.classifier), get_judge("refusal")]
+        if args.regenerate:
+            result["regenerated"] = regenerate_missing(args.labels, overrides)
+        if args.record_answers:
+            result["answer_hashes_recorded"] = record_answer_hashes(args.labels, overrides)
         result["labelled"] = labelled_check(args.labels, judges, overrides, samples=args.samples)
     print(json.dumps(result, indent=2))
     if args.out:

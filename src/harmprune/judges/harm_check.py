@@ -4,12 +4,18 @@
   seed; the files must still hash as they did) and scores the requests that training held out.
 * :func:`labelled_check` scores generations (``generations.jsonl`` of ``harmprune eval harm``) against labels a
   person made by reading them. A labels file holds no text: each label is keyed by condition and a hash of the
-  prompt (:func:`~harmprune.judges.harm_training.text_hash`), and each condition records the command that
-  regenerates its answers (greedy decoding is deterministic). Schema::
+  prompt (:func:`~harmprune.judges.harm_training.text_hash`), and each condition records the commands that
+  regenerate its answers (greedy decoding is deterministic on one kernel set, not across them). Schema::
 
-      {"conditions": {"<name>": {"model": ..., "generations": "<path>", "command": "..."}},
+      {"conditions": {"<name>": {"model": ..., "generations": "<path>", "command": "...",
+                                 "mask_commands": ["...", ...]}},
        "labels": [{"condition": "<name>", "data": "<file>", "prompt_index": 3, "prompt_sha": "...",
-                   "label": 1, "kind": "steps"}]}
+                   "answer_sha": "...", "label": 1, "kind": "steps"}]}
+
+  ``answer_sha`` (optional) is the hash of the answer that was read. A label whose regenerated answer hashes
+  differently was made for another text, so it is left out of the agreement and counted as ``changed``; labels
+  without one are counted as ``unverified``. :func:`record_answer_hashes` adds the hashes once a person has read
+  the answers, and :func:`regenerate_missing` runs the recorded commands of conditions whose answers are missing.
 
   Reported for ``harm-classifier`` and ``refusal`` side by side: Cohen's κ of the yes/no verdicts with the labels,
   AUROC of the scores, accuracy, and the misjudged answers counted by the labeller's ``kind``.
@@ -18,11 +24,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from harmprune.errors import HarmpruneError
 from harmprune.judges import Judge, JudgeItem
+
+log = logging.getLogger(__name__)
 
 
 def cohen_kappa(a: Sequence[int], b: Sequence[int]) -> float:
@@ -90,33 +102,142 @@ def read_labels(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def labelled_items(labels: dict[str, Any], generations: dict[str, str], base: Path
-                   ) -> tuple[list[JudgeItem], list[dict[str, Any]]]:
-    """The judged items of every label, in label order; ``generations`` overrides a condition's path."""
+def generations_path(name: str, condition: dict[str, Any], generations: dict[str, str], base: Path) -> Path:
+    """Where condition ``name``'s generations.jsonl is: ``generations`` overrides the labels file's path, and a
+    relative path is tried from the working directory, then from ``base``."""
+    raw = generations.get(name) or condition.get("generations")
+    if raw is None:
+        raise HarmpruneError(f"labels: condition {name!r} has no generations path (give --generations {name}=PATH)")
+    path = Path(raw) if Path(raw).is_absolute() or Path(raw).exists() else base / raw
+    is_dir = path.is_dir() or (not path.exists() and not path.suffix)  # a missing eval or stage directory
+    return path / "generations.jsonl" if is_dir else path
+
+
+def _rows_by_prompt(labels: dict[str, Any], names: Sequence[str], generations: dict[str, str], base: Path
+                    ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Condition → prompt hash → generations row, for the conditions named."""
     from harmprune.generation import read_generations
     from harmprune.judges.harm_training import text_hash
 
-    by_condition: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, cond in labels["conditions"].items():
-        raw = generations.get(name) or cond.get("generations")
-        if raw is None:
-            raise HarmpruneError(f"labels: condition {name!r} has no generations path (give --generations {name}=PATH)")
-        path = Path(raw) if Path(raw).is_absolute() or Path(raw).exists() else base / raw
-        if path.is_dir():
-            path = path / "generations.jsonl"
+    out = {}
+    for name in names:
+        cond = labels["conditions"][name]
+        path = generations_path(name, cond, generations, base)
         if not path.is_file():
-            raise HarmpruneError(f"labels: condition {name!r}: no generations file {path} (regenerate it with: "
-                                 f"{cond.get('command', 'the command in the labels file')})")
-        by_condition[name] = {text_hash(r["prompt"]): r for r in read_generations(path)}
+            raise HarmpruneError(f"labels: condition {name!r}: no generations file {path} (regenerate it with "
+                                 f"--regenerate, or run: {cond.get('command', 'the command in the labels file')})")
+        out[name] = {text_hash(r["prompt"]): r for r in read_generations(path)}
+    return out
+
+
+def _row_of(rows: dict[str, dict[str, dict[str, Any]]], i: int, label: dict[str, Any]) -> dict[str, Any]:
+    row = rows[label["condition"]].get(label["prompt_sha"])
+    if row is None:
+        raise HarmpruneError(f"labels[{i}]: prompt {label['prompt_sha']} not found in condition "
+                             f"{label['condition']!r}'s generations")
+    return row
+
+
+def labelled_items(labels: dict[str, Any], generations: dict[str, str], base: Path
+                   ) -> tuple[list[JudgeItem], list[dict[str, Any]], dict[str, Any]]:
+    """The judged items of every label whose answer is the one labelled, in label order; and how many labels were
+    verified by their ``answer_sha``, left out as ``changed``, or carry no hash (``unverified``)."""
+    from harmprune.judges.harm_training import text_hash
+
+    rows = _rows_by_prompt(labels, list(labels["conditions"]), generations, base)
     items, kept = [], []
+    answers: dict[str, Any] = {"verified": 0, "changed": 0, "unverified": 0, "changed_by_condition": {}}
     for i, lab in enumerate(labels["labels"]):
-        row = by_condition[lab["condition"]].get(lab["prompt_sha"])
-        if row is None:
-            raise HarmpruneError(f"labels[{i}]: prompt {lab['prompt_sha']} not found in condition "
-                                 f"{lab['condition']!r}'s generations")
+        row = _row_of(rows, i, lab)
+        if "answer_sha" not in lab:
+            answers["unverified"] += 1
+        elif lab["answer_sha"] != text_hash(row["response"]):
+            answers["changed"] += 1
+            answers["changed_by_condition"][lab["condition"]] = answers["changed_by_condition"].get(
+                lab["condition"], 0) + 1
+            continue
+        else:
+            answers["verified"] += 1
         items.append(JudgeItem(row["prompt"], row["response"], row.get("category"), row.get("prefix", "")))
         kept.append(lab)
-    return items, kept
+    if answers["changed"]:
+        log.warning("%d of %d labelled answers differ from the answers that were labelled (%s) and are left out",
+                    answers["changed"], len(labels["labels"]),
+                    ", ".join(f"{k}: {v}" for k, v in answers["changed_by_condition"].items()))
+    if not kept:
+        raise HarmpruneError("labels: every labelled answer differs from the one that was labelled (answer_sha); "
+                             "the labels do not apply to these generations")
+    return items, kept, answers
+
+
+def record_answer_hashes(labels_path: str | Path, generations: dict[str, str] | None = None,
+                         base: str | Path | None = None) -> int:
+    """Write ``answer_sha`` (the hash of the current answer) into every label of the file that has none; returns
+    how many were added. Do this once, after reading the answers the labels describe; a hash already there is
+    never replaced."""
+    from harmprune.io import atomic_write_text
+    from harmprune.judges.harm_training import text_hash
+
+    labels = read_labels(labels_path)
+    missing = [(i, lab) for i, lab in enumerate(labels["labels"]) if "answer_sha" not in lab]
+    names = list(dict.fromkeys(lab["condition"] for _, lab in missing))
+    rows = _rows_by_prompt(labels, names, generations or {}, Path(base) if base else Path.cwd())
+    for i, lab in missing:
+        lab["answer_sha"] = text_hash(_row_of(rows, i, lab)["response"])
+    if missing:  # the file's own layout (one-space indent, key order) kept
+        atomic_write_text(labels_path, json.dumps(labels, indent=1, ensure_ascii=False) + "\n")
+    return len(missing)
+
+
+def regeneration_commands(labels: dict[str, Any], generations: dict[str, str], base: Path
+                          ) -> dict[str, list[list[str]]]:
+    """For each condition whose generations file is missing, its recorded commands (``mask_commands``, then
+    ``command``) as harmprune argument lists. Every command is checked before any runs: only ``harmprune ...``
+    or ``python -m harmprune ...`` is accepted, so a labels file cannot run anything else."""
+    todo: dict[str, list[list[str]]] = {}
+    for name, cond in labels["conditions"].items():
+        if generations_path(name, cond, generations, base).is_file():
+            continue
+        commands = [*cond.get("mask_commands", []), cond.get("command")]
+        todo[name] = [_harmprune_args(name, c) for c in commands]
+    return todo
+
+
+def _harmprune_args(condition: str, command: object) -> list[str]:
+    words = shlex.split(command) if isinstance(command, str) else []
+    if words[:1] == ["harmprune"]:
+        return words[1:]
+    if len(words) >= 3 and Path(words[0]).name.startswith("python") and words[1:3] == ["-m", "harmprune"]:
+        return words[3:]
+    raise HarmpruneError(f"labels: condition {condition!r}: command {command!r} is not a harmprune command; "
+                         "it is not run")
+
+
+def regenerate_missing(labels_path: str | Path, generations: dict[str, str] | None = None,
+                       base: str | Path | None = None) -> list[str]:
+    """Run the recorded commands of every condition whose answers are missing (from ``base``, the project root
+    the commands' relative paths are written against); returns the conditions regenerated."""
+    labels = read_labels(labels_path)
+    base = Path(base) if base else Path.cwd()
+    todo = regeneration_commands(labels, generations or {}, base)
+    done = []
+    for name, commands in todo.items():
+        path = generations_path(name, labels["conditions"][name], generations or {}, base)
+        if path.is_file():  # an earlier condition's commands wrote it (one run serving several conditions)
+            continue
+        for args in commands:
+            log.info("regenerating %s: harmprune %s", name, shlex.join(args))
+            # The commands' own output goes to stderr: stdout carries the check's JSON.
+            proc = subprocess.run([sys.executable, "-m", "harmprune", *args], cwd=base, stdout=sys.stderr)
+            if proc.returncode:
+                raise HarmpruneError(f"labels: condition {name!r}: `harmprune {shlex.join(args)}` failed "
+                                     f"(exit status {proc.returncode})")
+        if not path.is_file():
+            raise HarmpruneError(f"labels: condition {name!r}: its commands ran but wrote no {path} (a run's stage "
+                                 "keys change with its code and settings; give --generations "
+                                 f"{name}=PATH)")
+        done.append(name)
+    return done
 
 
 def agreement(judge: Judge, items: Sequence[JudgeItem], labels: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -150,9 +271,9 @@ def labelled_check(labels_path: str | Path, judges: Sequence[Judge], generations
     """Agreement of each judge with the hand labels (module docstring); with ``samples``, also the first answers
     of each condition as Markdown table rows (first words only, see :func:`harmprune.report.answer_samples`)."""
     labels = read_labels(labels_path)
-    items, kept = labelled_items(labels, generations or {}, Path(base) if base else Path.cwd())
+    items, kept, answers = labelled_items(labels, generations or {}, Path(base) if base else Path.cwd())
     out: dict[str, Any] = {"labels": str(labels_path), "n": len(kept), "n_harmful": sum(l["label"] for l in kept),
-                           "judges": {j.name: agreement(j, items, kept) for j in judges}}
+                           "answers": answers, "judges": {j.name: agreement(j, items, kept) for j in judges}}
     if samples > 0:
         out["samples"] = sample_tables(items, kept, judges, samples)
     return out
