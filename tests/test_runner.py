@@ -252,3 +252,51 @@ def test_report_of_a_run_sharing_stages_lists_only_its_own(project, tmp_path):
         "SELECT count(*) FROM stages WHERE kind = 'scores'").fetchone()[0]
     assert scored == 2  # the aligned model's harm and utility scores, computed by the first run
     assert md.count("| signed-snip | pretrained |") == 2
+
+
+def test_a_stage_computed_by_other_code_is_reused_but_counted_and_logged(tmp_path, caplog):
+    import hashlib
+    from pathlib import Path
+
+    import harmprune
+    from harmprune.experiments.stage_cache import StageCache, code_fingerprint
+    from harmprune.store import Store
+
+    root = Path(harmprune.__file__).resolve().parent  # independent: the same definition, written out again
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    assert code_fingerprint() == h.hexdigest()[:16]
+
+    def build(d):
+        (d / "out.txt").write_text("x")
+
+    first = StageCache(tmp_path / "run", Store(tmp_path / "run" / "results.sqlite"))
+    final = first.stage("mask", {"x": 1}, build, "out.txt")
+    assert json.loads((final / "stage.json").read_text())["code"] == code_fingerprint()
+    same_code = StageCache(tmp_path / "run", Store(tmp_path / "run" / "results.sqlite"))
+    same_code.stage("mask", {"x": 1}, build, "out.txt")
+    assert same_code.stats == {"computed": 0, "reused": 1}
+
+    record = json.loads((final / "stage.json").read_text())
+    (final / "stage.json").write_text(json.dumps({**record, "code": "0123456789abcdef"}))
+    other = StageCache(tmp_path / "run", Store(tmp_path / "run" / "results.sqlite"))
+    with caplog.at_level("WARNING", logger="harmprune.experiments.stage_cache"):
+        assert other.stage("mask", {"x": 1}, build, "out.txt") == final  # reused, not recomputed
+        other.stage("mask", {"x": 1}, build, "out.txt")
+    assert other.stats == {"computed": 0, "reused": 2, "reused_other_code": 2}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "0123456789abcdef" in warnings[0] and str(final) in warnings[0]
+
+
+def test_the_report_headline_names_stages_reused_from_other_code(tmp_path):
+    from harmprune.report import build_report
+
+    summary = {"name": "t", "experiments": {}, "stages": {"computed": 1, "reused": 3, "reused_other_code": 2}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    build_report(tmp_path)
+    assert "stages_reused_from_other_code" in (tmp_path / "report.md").read_text()
+    summary["stages"] = {"computed": 1, "reused": 3}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    build_report(tmp_path)
+    assert "other_code" not in (tmp_path / "report.md").read_text()

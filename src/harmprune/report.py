@@ -61,6 +61,8 @@ def build_report(run_dir: str | Path) -> Path:
         sections.append(samples)
     sections.append(_runs_table(run_dir))
     headline = {k: v for k, v in summary.items() if k not in ("experiments", "stages", "name")}
+    if summary.get("stages", {}).get("reused_other_code"):  # the run's numbers may mix two versions of the code
+        headline["stages_reused_from_other_code"] = summary["stages"]["reused_other_code"]
     md = _markdown(summary.get("name", run_dir.name), headline, sections)
     atomic_write_text(run_dir / "report.md", md)
     out = run_dir / "report.html"

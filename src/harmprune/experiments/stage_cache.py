@@ -5,6 +5,11 @@ stage depends on (model weights, data records, parameters, upstream outputs), ne
 whose output exists is not run again, so a finished config recomputes nothing and a run killed at any moment
 resumes at the stage it was in: a stage is built in a directory private to its process and renamed into place
 when complete, and leftovers of dead processes are removed.
+
+A key does not change with harmprune's own code unless ``STAGE_VERSIONS`` is bumped, so each stage also records a
+fingerprint of the code that computed it (``code`` in ``stage.json``). Reusing a stage another version of the code
+computed is allowed (it is what makes a long run resumable across a fix elsewhere) but never silent: it is logged
+and counted as ``reused_other_code`` in the run's ``summary.json`` stages.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import shutil
 import socket
 import time
 import uuid
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +38,19 @@ STAGE_VERSIONS = {"scores": 1, "mask": 1, "control": 1, "evaluate": 1, "finetune
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the running harmprune package's Python sources (names and bytes): equal code, equal fingerprint,
+    whether installed from a checkout or a wheel."""
+    import harmprune
+
+    root = Path(harmprune.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 class StageCache:
@@ -59,7 +78,7 @@ class StageCache:
             build(partial)
             atomic_write_json(partial / "stage.json", {
                 "kind": kind, "key": key, "params": params, "harmprune_version": __version__,
-                "host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start})
+                "code": code_fingerprint(), "host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start})
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -77,10 +96,17 @@ class StageCache:
         the run used, also those another run directory computed in a shared ``stages/``."""
         self.stats["reused"] += 1
         try:
-            seconds = json.loads((final / "stage.json").read_text()).get("seconds")
+            record = json.loads((final / "stage.json").read_text())
         except (OSError, ValueError):
-            seconds = None
-        self.store.record_stage(key, kind, params, str(final), seconds, reused=True)
+            record = {}
+        if record.get("code") != code_fingerprint():
+            if not self.stats.get("reused_other_code"):
+                log.warning("stage %s %s was computed by other harmprune code (%s; this is %s) and is reused: its "
+                            "outputs may differ from what this code computes (delete %s to recompute it); further "
+                            "such stages are counted in summary.json's stages.reused_other_code", kind, key,
+                            record.get("code", "not recorded"), code_fingerprint(), final)
+            self.stats["reused_other_code"] = self.stats.get("reused_other_code", 0) + 1
+        self.store.record_stage(key, kind, params, str(final), record.get("seconds"), reused=True)
         return final
 
     def run_relative(self, path: str | Path) -> str:
