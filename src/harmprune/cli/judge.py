@@ -176,8 +176,7 @@ def _check_harm(args: argparse.Namespace) -> int:
     from harmprune.errors import HarmpruneError
     from harmprune.io import atomic_write_json
     from harmprune.judges import get_judge
-    from harmprune.judges.harm_check import (held_out_check, labelled_check, read_labels, record_answer_hashes,
-                                             regenerate_missing, regeneration_commands)
+    from harmprune.judges.harm_check import held_out_check, labelled_check, record_answer_hashes, regenerate_missing
 
     overrides = {}
     for spec in args.generations:
@@ -187,15 +186,13 @@ def _check_harm(args: argparse.Namespace) -> int:
         overrides[name] = path
     if (args.regenerate or args.record_answers) and not args.labels:
         raise HarmpruneError("--regenerate and --record-answers need --labels")
-    if args.regenerate:
-        regeneration_commands(read_labels(args.labels), overrides, Path.cwd())  # every command checked first
     result: dict = {}
+    if args.regenerate:  # first: it checks every command before running any, and before the held-out check's work
+        result["regenerated"] = regenerate_missing(args.labels, overrides)
     if not args.no_held_out:
         result["held_out"] = held_out_check(args.classifier)
     if args.labels:
         judges = [get_judge("harm-classifier", model=args.classifier), get_judge("refusal")]
-        if args.regenerate:
-            result["regenerated"] = regenerate_missing(args.labels, overrides)
         if args.record_answers:
             result["answer_hashes_recorded"] = record_answer_hashes(args.labels, overrides)
         result["labelled"] = labelled_check(args.labels, judges, overrides, samples=args.samples)

@@ -78,7 +78,8 @@ class StageCache:
             build(partial)
             atomic_write_json(partial / "stage.json", {
                 "kind": kind, "key": key, "params": params, "harmprune_version": __version__,
-                "code": code_fingerprint(), "host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start})
+                "code": code_fingerprint(), "host": socket.gethostname(), "pid": os.getpid(),
+                "seconds": time.perf_counter() - start})
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise

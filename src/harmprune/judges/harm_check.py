@@ -8,7 +8,7 @@
   regenerate its answers (greedy decoding is deterministic on one kernel set, not across them). Schema::
 
       {"conditions": {"<name>": {"model": ..., "generations": "<path>", "command": "...",
-                                 "mask_commands": ["...", ...]}},
+                                 "mask_commands": ["...", ...]}},   # run before "command" by --regenerate
        "labels": [{"condition": "<name>", "data": "<file>", "prompt_index": 3, "prompt_sha": "...",
                    "answer_sha": "...", "label": 1, "kind": "steps"}]}
 
@@ -102,7 +102,7 @@ def read_labels(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def generations_path(name: str, condition: dict[str, Any], generations: dict[str, str], base: Path) -> Path:
+def _generations_path(name: str, condition: dict[str, Any], generations: dict[str, str], base: Path) -> Path:
     """Where condition ``name``'s generations.jsonl is: ``generations`` overrides the labels file's path, and a
     relative path is tried from the working directory, then from ``base``."""
     raw = generations.get(name) or condition.get("generations")
@@ -122,7 +122,7 @@ def _rows_by_prompt(labels: dict[str, Any], names: Sequence[str], generations: d
     out = {}
     for name in names:
         cond = labels["conditions"][name]
-        path = generations_path(name, cond, generations, base)
+        path = _generations_path(name, cond, generations, base)
         if not path.is_file():
             raise HarmpruneError(f"labels: condition {name!r}: no generations file {path} (regenerate it with "
                                  f"--regenerate, or run: {cond.get('command', 'the command in the labels file')})")
@@ -184,7 +184,7 @@ def record_answer_hashes(labels_path: str | Path, generations: dict[str, str] | 
     rows = _rows_by_prompt(labels, names, generations or {}, Path(base) if base else Path.cwd())
     for i, lab in missing:
         lab["answer_sha"] = text_hash(_row_of(rows, i, lab)["response"])
-    if missing:  # the file's own layout (one-space indent, key order) kept
+    if missing:  # the shipped labels files' layout: one-space indent, keys in their order
         atomic_write_text(labels_path, json.dumps(labels, indent=1, ensure_ascii=False) + "\n")
     return len(missing)
 
@@ -196,7 +196,7 @@ def regeneration_commands(labels: dict[str, Any], generations: dict[str, str], b
     or ``python -m harmprune ...`` is accepted, so a labels file cannot run anything else."""
     todo: dict[str, list[list[str]]] = {}
     for name, cond in labels["conditions"].items():
-        if generations_path(name, cond, generations, base).is_file():
+        if _generations_path(name, cond, generations, base).is_file():
             continue
         commands = [*cond.get("mask_commands", []), cond.get("command")]
         todo[name] = [_harmprune_args(name, c) for c in commands]
@@ -222,7 +222,7 @@ def regenerate_missing(labels_path: str | Path, generations: dict[str, str] | No
     todo = regeneration_commands(labels, generations or {}, base)
     done = []
     for name, commands in todo.items():
-        path = generations_path(name, labels["conditions"][name], generations or {}, base)
+        path = _generations_path(name, labels["conditions"][name], generations or {}, base)
         if path.is_file():  # an earlier condition's commands wrote it (one run serving several conditions)
             continue
         for args in commands:
