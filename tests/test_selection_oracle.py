@@ -276,3 +276,26 @@ def test_global_when_a_large_tensor_follows_small_low_ones(fraction):
     for sign in (1, -1):
         signed = {n: sign * t for n, t in vals.items()}
         assert_same(select_global(signed, fraction), old_select_global(signed, fraction), fraction)
+
+
+@pytest.mark.parametrize("negate", [False, True])
+def test_running_top_with_frequent_merges_short_blocks_and_nan_equals_full_sort(monkeypatch, negate):
+    """The running global top-k with small blocks and merges after a few copied blocks or short last blocks:
+    tensors whose size the block does not divide, NaN of both signs (a NaN block maximum always reaches the floor),
+    ±0 and ±inf, ties across tensors; every fraction of a sweep (prefixes of one ranking) equals a full sort."""
+    monkeypatch.setattr(selection, "_FLOOR_BLOCK", 16)
+    monkeypatch.setattr(selection, "_PENDING_ENTRIES", 64)
+    monkeypatch.setattr(selection, "_PENDING_TAILS", 2)
+    g = torch.Generator().manual_seed(11)
+    vals = {}
+    for i in range(25):
+        t = torch.randint(-5, 6, (int(torch.randint(3, 40, (1,), generator=g)), 23), generator=g).float()
+        t[t == 5] = float("nan") if i % 2 else -float("nan")
+        t[t == -5] = -0.0
+        t[t == 4] = float("inf") if i % 3 else 0.0
+        vals[f"t{i}"] = t
+    shapes = {n: tuple(t.shape) for n, t in vals.items()}
+    fractions = [0.001, 0.01, 0.05, 0.2]
+    got = selection._global_sets(list(vals), vals.__getitem__, shapes, fractions, negate)
+    for f in fractions:
+        assert_same(got[f], old_select_global({n: -t if negate else t for n, t in vals.items()}, f), f)

@@ -315,8 +315,11 @@ _SAMPLE = 1 << 16  # entries sampled to bound the k-th largest value from below 
 _SPREAD = 2654435761  # a prime: i × _SPREAD mod n scatters the sample over rows and columns
 _GATHER_SHARE = 2  # kept blocks covering over half a tensor: compare the whole tensor instead of gathering
 _SUB_BLOCK = 16  # kept blocks are narrowed to sub-blocks of this size before their entries are compared
-_FLOOR_BLOCK = 128  # smallest block for the running global top-k's floor test: smaller blocks' maxima cost more
+_FLOOR_BLOCK = 128  # block of the running global top-k's floor test: smaller blocks' maxima cost more, larger
+# blocks copy more entries (256 and 64 were slower at the 0.5B shapes, q = 1e-5 and 5e-5)
 _GLOBAL_CAP = 1 << 25  # the running global top-k holds at most this many entries; beyond, the radix select
+_PENDING_ENTRIES = 1 << 22  # the running global top-k ranks its copied blocks once they hold this many entries
+_PENDING_TAILS = 64  # ... or once this many tensors' short last blocks wait
 
 
 def _comparable(values: torch.Tensor, negate: bool = False) -> tuple[torch.Tensor, bool]:
@@ -491,94 +494,109 @@ def _prefix_sets(values: torch.Tensor, fractions: Sequence[float], granularity: 
 
 
 class _RunningTop:
-    """The top k support entries of the tensors added so far, in rank order: sort key descending, then tensor
-    order, then flat index. Ties at the k-th key go to the earlier tensor, so a later tensor enters only above it.
+    """The top k support entries of a stream of tensors, in rank order: sort key descending, then tensor order,
+    then flat index (ties at the k-th key go to the earlier tensor).
 
-    New entries wait in a pending list and are merged (one stable sort) once they number k, so a model's hundreds
-    of tensors cost a few sorts; until then the floor a tensor must beat is the last merge's k-th key, which is at
-    most the true one, so the entries let in are a superset of those that belong."""
+    Until it holds k entries it takes each tensor's own top k. From then on a tensor costs one pass over its
+    values: the maxima of its blocks of ``block`` entries, of which the blocks reaching the floor (the k-th largest
+    entry so far) are copied aside whole. Now and then (once the copied blocks number k or hold
+    ``_PENDING_ENTRIES``), the k-th largest of the kept entries and the copied blocks' maxima bounds the k-th
+    largest entry from below, and only the copied entries reaching it are ranked with the kept ones. So a tensor
+    costs a handful of operations whatever its size. NaN ranks above everything: a block holding one has a NaN
+    maximum, which is never below the floor.
+    """
 
-    def __init__(self, k: int):
-        self.k = k
-        self.seen = 0  # entries of the tensors added so far
-        self.keys = torch.empty(0, dtype=torch.int32)
+    def __init__(self, k: int, negate: bool, block: int):
+        self.k, self.negate, self.block = k, negate, block
+        self.keys = torch.empty(0, dtype=torch.int32)  # the kept entries, in rank order
         self.tensor = torch.empty(0, dtype=torch.int32)
         self.index = torch.empty(0, dtype=torch.long)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._pending_count = 0
-        self._floor = torch.tensor(0.0)  # the float value of keys[-1], set by each merge
+        self._floor = -math.inf  # a support value the k-th largest entry reaches: the float of keys[-1] once full
+        self._entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # candidates: keys, tensor, index
+        self._rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # tensor, starts, rows, maxima
+        self._pending = 0  # entries in _rows
 
-    def add(self, position: int, values: torch.Tensor, negate: bool = False) -> None:
+    def add(self, position: int, values: torch.Tensor) -> None:
         if self.k == 0:
             return
         flat = values.reshape(-1).float()
         if self.keys.device != flat.device:
             self.keys, self.tensor, self.index = (t.to(flat.device) for t in (self.keys, self.tensor, self.index))
-        if self.keys.numel() == self.k:
-            local, keys = self._above_floor(flat, negate)
-        else:
-            local = _top(flat, self.k, False, negate)
-            keys = sort_keys(_signed(flat[local], negate))
-        self.seen += flat.numel()
-        if local.numel() == 0:
+        if self.keys.numel() < self.k:
+            self._add_entries(position, _top(flat, self.k, False, self.negate), flat)
+            self._merge()
             return
-        # In flat-index order: the merge's stable sort then breaks ties by (tensor order, flat index).
-        self._pending.append((keys, torch.full_like(keys, position), local))
-        self._pending_count += keys.numel()
-        if self.keys.numel() < self.k or self._pending_count >= self.k:
+        n_full = flat.numel() // self.block
+        if n_full:
+            blocks = flat[: n_full * self.block].view(n_full, self.block)
+            if self.negate:  # the support's maxima are the minima, negated; NaN is never "above" (not below) it
+                minima = blocks.amin(dim=1)
+                ids = torch.nonzero(~(minima > -self._floor)).flatten()
+            else:
+                maxima = blocks.amax(dim=1)
+                ids = torch.nonzero(~(maxima < self._floor)).flatten()
+            if ids.numel() > self.k:  # more blocks than k reach an old floor: this tensor's own k-th block is higher
+                keys = sort_keys(-minima if self.negate else maxima)
+                ids = torch.nonzero(keys >= _kth_largest(keys, self.k)).flatten()
+            if ids.numel():
+                tops = -minima[ids] if self.negate else maxima[ids]
+                self._rows.append((position, ids * self.block, blocks.index_select(0, ids), tops))
+                self._pending += ids.numel() * self.block
+        if n_full * self.block < flat.numel():  # the short last block: its entries are candidates themselves
+            self._add_entries(position, torch.arange(n_full * self.block, flat.numel(), device=flat.device), flat)
+        if self._pending >= min(self.k * self.block, _PENDING_ENTRIES) or len(self._entries) >= _PENDING_TAILS:
             self._merge()
 
-    def _merge(self) -> None:
-        if not self._pending:
-            return
-        keys = torch.cat([self.keys, *(p[0] for p in self._pending)])
-        order = torch.sort(keys, descending=True, stable=True).indices[: self.k]
-        self.keys = keys[order]
-        self.tensor = torch.cat([self.tensor, *(p[1] for p in self._pending)])[order]
-        self.index = torch.cat([self.index, *(p[2] for p in self._pending)])[order]
-        self._pending, self._pending_count = [], 0
-        self._floor = _key_value(self.keys[-1])
+    def _add_entries(self, position: int, index: torch.Tensor, flat: torch.Tensor) -> None:
+        keys = sort_keys(_signed(flat[index], self.negate))
+        self._entries.append((keys, torch.full_like(keys, position), index))
 
-    def _above_floor(self, flat: torch.Tensor, negate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """This tensor's entries strictly above the current k-th key (at most k of them: the top k if more), as
-        flat indices in index order and their sort keys."""
-        floor = self._floor
-        n = flat.numel()
-        # About k·n/(seen + n) of this tensor's entries can be expected above the floor, not k; blocks sized for
-        # that expectation (and never so small that the block maxima cost more than the comparisons they save).
-        size = max(_FLOOR_BLOCK, _block_size(n, max(1, self.k * n // (self.seen + n))))
-        got = None
-        if n > _SMALL:
-            maxima = _block_max(flat, negate, size)
-            top = maxima.max()
-            if not bool(torch.isnan(top)):
-                if not bool(top > floor):  # no entry above the floor
-                    return torch.empty(0, dtype=torch.long, device=flat.device), self.keys[:0]
-                keep = maxima > floor
-                bound = _kth_largest(maxima, self.k) if int(keep.sum()) > self.k else floor
-                # Over k blocks above an old floor (early in the stream): this tensor's own top-k bound is higher.
-                got = (_in_blocks(flat, negate, keep, size, floor, strict=True) if bound <= floor else
-                       _in_blocks(flat, negate, maxima >= bound, size, bound, strict=False))
-        elif flat.numel() and not bool(torch.isnan(flat.max())):
-            support_ = _signed(flat, negate)
-            idx = torch.nonzero(support_ > floor).flatten()
-            got = idx, support_[idx]
-        if got is None:  # NaN: compare sort keys
-            keys = sort_keys(_signed(flat, negate))
-            idx = torch.nonzero(keys > self.keys[-1]).flatten()
-            keys = keys[idx]
-        else:
-            idx, keys = got[0], sort_keys(got[1])
-        if idx.numel() > self.k:
-            keep = _top_of_candidates(torch.arange(idx.numel(), device=idx.device), keys, self.k, ranked=False)
-            idx, keys = idx[keep], keys[keep]
-        return idx, keys
+    def _merge(self) -> None:
+        """Rank the kept entries with the candidates that can still be among the top k; keep the top k."""
+        if self.k == 0 or not (self._rows or self._entries):
+            return
+        keys, tensor, index = (list(t) for t in zip(*self._entries)) if self._entries else ([], [], [])
+        if self._rows:
+            keys, tensor, index = self._rows_reaching(keys, tensor, index)
+        keys, tensor, index = torch.cat(keys), torch.cat(tensor), torch.cat(index)
+        # The candidates in (tensor, index) order after the kept entries (earlier tensors), then a stable sort by
+        # key descending: rank order.
+        order = torch.sort(tensor.long() * (1 << 40) + index).indices
+        keys = torch.cat([self.keys, keys[order]])
+        tensor, index = torch.cat([self.tensor, tensor[order]]), torch.cat([self.index, index[order]])
+        order = torch.sort(keys, descending=True, stable=True).indices[: self.k]
+        self.keys, self.tensor, self.index = keys[order], tensor[order], index[order]
+        self._entries, self._rows, self._pending = [], [], 0
+        if self.keys.numel() == self.k:
+            self._floor = float(_key_value(self.keys[-1]))
+
+    def _rows_reaching(self, keys: list[torch.Tensor], tensor: list[torch.Tensor], index: list[torch.Tensor]):
+        """The candidate lists extended by the copied blocks' entries that can be among the top k.
+
+        Each kept entry, candidate and block holds an entry at least its key, so the k-th largest of those keys
+        bounds the k-th largest entry from below; only blocks reaching that bound are compared, in float."""
+        tops = sort_keys(torch.cat([r[3] for r in self._rows]))
+        known = torch.cat([self.keys, *keys, tops])
+        bound = _kth_largest(known, self.k) if known.numel() >= self.k else known.min()
+        at = torch.nonzero(tops >= bound).flatten()
+        rows = torch.cat([r[2] for r in self._rows]).index_select(0, at)
+        starts = torch.cat([r[1] for r in self._rows])[at]
+        owner = torch.cat([torch.full((r[1].numel(),), r[0], dtype=torch.int32, device=rows.device)
+                           for r in self._rows])[at]
+        floor = float(_key_value(bound)) if known.numel() >= self.k else -math.inf
+        hit = torch.nonzero((~(rows > -floor)) if self.negate else (~(rows < floor))).T  # NaN: not beyond it
+        keys.append(sort_keys(_signed(rows[hit[0], hit[1]], self.negate)))
+        tensor.append(owner[hit[0]])
+        index.append(starts[hit[0]] + hit[1])
+        return keys, tensor, index
 
     def prefix(self, k: int, count: int) -> list[torch.Tensor]:
         """The top ``k`` (k ≤ self.k) split per tensor (``count`` tensors), each sorted by flat index."""
         self._merge()
-        tensor, index = self.tensor[:k], self.index[:k]
-        return [index[tensor == i].sort().values for i in range(count)]
+        tensor, index = self.tensor[:k].long(), self.index[:k]
+        index = index[torch.sort(tensor * (1 << 40) + index).indices].cpu()
+        sizes = torch.bincount(tensor, minlength=count).tolist()
+        return [part.clone() for part in torch.split(index, sizes)]  # not views: safetensors refuses shared storage
 
 
 def _key_value(key: torch.Tensor) -> torch.Tensor:
@@ -607,9 +625,10 @@ def _global_sets(names: Sequence[str], load: Callable[[str], torch.Tensor], shap
             cut = _global_cut(names, support_of, k)
             out[f] = {n: cut.take(support_of(n)).cpu() for n in names}
         return out
-    running = _RunningTop(max(ks.values()))
+    k = max(ks.values())
+    running = _RunningTop(k, negate, _FLOOR_BLOCK)
     for i, n in enumerate(names):
-        running.add(i, load(n), negate)
+        running.add(i, load(n))
     return {f: dict(zip(names, running.prefix(k, len(names)))) for f, k in ks.items()}
 
 
