@@ -320,6 +320,7 @@ _FLOOR_BLOCK = 128  # block of the running global top-k's floor test: smaller bl
 _GLOBAL_CAP = 1 << 25  # the running global top-k holds at most this many entries; beyond, the radix select
 _PENDING_ENTRIES = 1 << 22  # the running global top-k ranks its copied blocks once they hold this many entries
 _PENDING_TAILS = 64  # ... or once this many tensors' short last blocks wait
+_ROW_TOPK_SHARE = 16  # per-row selection uses topk while k ≤ row length / this (kthvalue above: topk slows with k)
 
 
 def _comparable(values: torch.Tensor, negate: bool = False) -> tuple[torch.Tensor, bool]:
@@ -445,26 +446,46 @@ def _top_of_candidates(idx: torch.Tensor, vals: torch.Tensor, k: int, ranked: bo
     return torch.cat([idx[above][order], idx[tie][:need]])
 
 
-def _row_top(rows: torch.Tensor, k: int, ranked: bool) -> torch.Tensor:
-    """Per row of a 2-D comparable (support) tensor, the k largest entries' flat indices (ties: lowest column).
+def _row_top(rows: torch.Tensor, k: int, ranked: bool, negate: bool = False) -> torch.Tensor:
+    """Per row of a 2-D comparable tensor, the flat indices of the k entries of largest support (``rows``,
+    negated if ``negate``), ties to the lowest column.
 
-    ``ranked``: a (rows, k) tensor, each row in rank order; otherwise all of them as one sorted 1-D tensor.
+    ``ranked``: a (rows, k) tensor, each row in rank order; otherwise all of them as one sorted 1-D tensor. For a
+    k small beside the row, ``topk`` finds them in about one pass; only rows where it had to choose among entries
+    tied at the k-th value are redone exactly.
     """
     n_rows, n_cols = rows.shape
     k = min(k, n_cols)
     if k <= 0 or n_rows == 0:
         empty = torch.empty(n_rows, 0, dtype=torch.long, device=rows.device)
         return empty if ranked else empty.reshape(0)
-    kth = torch.kthvalue(rows, n_cols - k + 1, dim=1, keepdim=True).values
-    above = rows > kth
+    if k * _ROW_TOPK_SHARE <= n_cols:
+        values, cols = torch.topk(rows, k, dim=1, largest=not negate)
+        kth = values[:, -1:]
+        tied = torch.nonzero(((rows <= kth) if negate else (rows >= kth)).sum(dim=1) > k).flatten()
+        if tied.numel():
+            cols[tied] = _row_top_exact(rows[tied], k, negate, kth[tied])
+        cols = cols.sort(dim=1).values
+    else:
+        cols = _row_top_exact(rows, k, negate)
+    flat = cols + torch.arange(n_rows, device=rows.device).unsqueeze(1) * n_cols
+    if not ranked:
+        return flat.reshape(-1)
+    order = torch.sort(rows.gather(1, cols), dim=1, descending=not negate, stable=True).indices
+    return flat.gather(1, order)
+
+
+def _row_top_exact(rows: torch.Tensor, k: int, negate: bool, kth: torch.Tensor | None = None) -> torch.Tensor:
+    """The columns (ascending, (rows, k)) of each row's top k support entries, ties to the lowest column, from
+    each row's k-th value (``kth``, found here if not given) and a count of the ties before each entry."""
+    n_rows, n_cols = rows.shape
+    if kth is None:
+        kth = torch.kthvalue(rows, k if negate else n_cols - k + 1, dim=1, keepdim=True).values
+    above = (rows < kth) if negate else (rows > kth)
     tie = rows == kth
     need = k - above.sum(dim=1, keepdim=True)
-    flat = torch.nonzero((above | (tie & (tie.cumsum(dim=1) <= need))).reshape(-1)).flatten()
-    if not ranked:
-        return flat
-    flat = flat.view(n_rows, k)
-    order = torch.sort(rows.reshape(-1)[flat], dim=1, descending=True, stable=True).indices
-    return flat.gather(1, order)
+    keep = above | (tie & (tie.cumsum(dim=1) <= need))
+    return torch.nonzero(keep)[:, 1].view(n_rows, k)
 
 
 def _prefix_sets(values: torch.Tensor, fractions: Sequence[float], granularity: str, negate: bool = False
@@ -484,12 +505,15 @@ def _prefix_sets(values: torch.Tensor, fractions: Sequence[float], granularity: 
             return {top: _top(flat, math.floor(top * n), False, negate)}
         ranking = _top(flat, math.floor(top * n), True, negate)
         return {f: ranking[: math.floor(f * n)].sort().values for f in fractions}
-    flat, _ = _comparable(_signed(values, negate))
+    n_cols = values.numel() // values.shape[0] if values.numel() else 0
+    if math.floor(top * n_cols) == 0:  # nothing to select: no need to look at the values
+        empty = torch.empty(0, dtype=torch.long, device=values.device)
+        return {f: empty for f in fractions}
+    flat, negate = _comparable(values, negate)
     rows = flat.view(values.shape[0], -1)
-    n_cols = rows.shape[1]
     if len(fractions) == 1:
-        return {top: _row_top(rows, math.floor(top * n_cols), ranked=False)}
-    ranking = _row_top(rows, math.floor(top * n_cols), ranked=True)
+        return {top: _row_top(rows, math.floor(top * n_cols), ranked=False, negate=negate)}
+    ranking = _row_top(rows, math.floor(top * n_cols), ranked=True, negate=negate)
     return {f: ranking[:, : math.floor(f * n_cols)].reshape(-1).sort().values for f in fractions}
 
 
