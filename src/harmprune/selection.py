@@ -451,8 +451,8 @@ def _row_top(rows: torch.Tensor, k: int, ranked: bool, negate: bool = False) -> 
     negated if ``negate``), ties to the lowest column.
 
     ``ranked``: a (rows, k) tensor, each row in rank order; otherwise all of them as one sorted 1-D tensor. For a
-    k small beside the row, ``topk`` finds them in about one pass; only rows where it had to choose among entries
-    tied at the k-th value are redone exactly.
+    k small beside the row, ``topk`` finds the top k + 1 in about one pass; only rows where it had to choose among
+    entries tied at the k-th value are redone exactly.
     """
     n_rows, n_cols = rows.shape
     k = min(k, n_cols)
@@ -460,11 +460,12 @@ def _row_top(rows: torch.Tensor, k: int, ranked: bool, negate: bool = False) -> 
         empty = torch.empty(n_rows, 0, dtype=torch.long, device=rows.device)
         return empty if ranked else empty.reshape(0)
     if k * _ROW_TOPK_SHARE <= n_cols:
-        values, cols = torch.topk(rows, k, dim=1, largest=not negate)
-        kth = values[:, -1:]
-        tied = torch.nonzero(((rows <= kth) if negate else (rows >= kth)).sum(dim=1) > k).flatten()
+        # the k+1-th value equals the k-th exactly where more than k entries reach it: a tie topk settled anyhow
+        values, cols = torch.topk(rows, k + 1, dim=1, largest=not negate)
+        cols = cols[:, :k].contiguous()
+        tied = torch.nonzero(values[:, k] == values[:, k - 1]).flatten()
         if tied.numel():
-            cols[tied] = _row_top_exact(rows[tied], k, negate, kth[tied])
+            cols[tied] = _row_top_exact(rows[tied], k, negate, values[tied, k - 1 : k])
         cols = cols.sort(dim=1).values
     else:
         cols = _row_top_exact(rows, k, negate)
