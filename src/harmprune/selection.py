@@ -459,6 +459,10 @@ def _row_top(rows: torch.Tensor, k: int, ranked: bool, negate: bool = False) -> 
     if k <= 0 or n_rows == 0:
         empty = torch.empty(n_rows, 0, dtype=torch.long, device=rows.device)
         return empty if ranked else empty.reshape(0)
+    block = _row_block(n_cols, k)
+    if block:
+        flat = _row_top_in_blocks(rows, k, negate, block)
+        return flat if ranked else flat.sort(dim=1).values.reshape(-1)
     if k * _ROW_TOPK_SHARE <= n_cols:
         # the k+1-th value equals the k-th exactly where more than k entries reach it: a tie topk settled anyhow
         values, cols = torch.topk(rows, k + 1, dim=1, largest=not negate)
@@ -474,6 +478,37 @@ def _row_top(rows: torch.Tensor, k: int, ranked: bool, negate: bool = False) -> 
         return flat.reshape(-1)
     order = torch.sort(rows.gather(1, cols), dim=1, descending=not negate, stable=True).indices
     return flat.gather(1, order)
+
+
+def _row_block(n_cols: int, k: int) -> int:
+    """The block for per-row block maxima: the largest power of two ≤ _FLOOR_BLOCK that divides the row and leaves
+    at least 4k blocks in it, or 0 if none of at least _SUB_BLOCK does."""
+    block = _FLOOR_BLOCK
+    while block >= _SUB_BLOCK and (n_cols % block or n_cols // block < 4 * k):
+        block //= 2
+    return block if block >= _SUB_BLOCK else 0
+
+
+def _row_top_in_blocks(rows: torch.Tensor, k: int, negate: bool, block: int) -> torch.Tensor:
+    """Per row, the flat indices of the top k support entries in rank order, (rows, k): the k-th largest of the
+    row's block maxima bounds its k-th entry from below, so only the blocks reaching it are ranked."""
+    n_rows, n_cols = rows.shape
+    blocks = rows.view(n_rows, n_cols // block, block)
+    maxima = blocks.amin(dim=2).neg_() if negate else blocks.amax(dim=2)  # of the support
+    bound = torch.topk(maxima, k, dim=1).values[:, -1:]
+    kept = torch.nonzero((maxima >= bound).view(-1)).flatten()  # at least k blocks per row, in row order
+    row, at = kept // maxima.shape[1], kept % maxima.shape[1]
+    values, bound = rows.view(-1, block).index_select(0, kept), bound[row]
+    hit = torch.nonzero(((values <= -bound) if negate else (values >= bound)).view(-1)).flatten()
+    row, col = row[hit // block], at[hit // block] * block + hit % block  # in (row, column) order
+    values = _signed(values.view(-1)[hit], negate)
+    order = torch.sort(values, descending=True, stable=True).indices  # then by row, keeping that order
+    order = order[torch.sort(row[order], stable=True).indices]
+    row, col = row[order], col[order]
+    counts = torch.bincount(row, minlength=n_rows)
+    first = torch.cumsum(counts, 0) - counts
+    keep = torch.arange(row.numel(), device=row.device) - first[row] < k
+    return col[keep].view(n_rows, k) + torch.arange(n_rows, device=rows.device).unsqueeze(1) * n_cols
 
 
 def _row_top_exact(rows: torch.Tensor, k: int, negate: bool, kth: torch.Tensor | None = None) -> torch.Tensor:
