@@ -33,6 +33,7 @@ from harmprune.selection import difference, select, select_grid, support  # noqa
 from harmprune.tensorfile import TensorFile, save_tensors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+HEADING = "## Selection at the speed of reading the scores"
 SHAPES = {
     "qwen2.5-0.5b": ModelShape("qwen2.5-0.5b", "Qwen2.5-0.5B config", hidden=896, intermediate=4864, layers=24,
                                heads=14, kv_heads=2, head_dim=64, vocab=151936, tied=True, qkv_bias=True),
@@ -158,6 +159,8 @@ def main() -> None:
                     help="do not time the old full-sort selection (minutes at 0.5B); its columns show '-'")
     ap.add_argument("--tmp", type=Path, default=None, help="where to write the score files")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--heading", default=HEADING,
+                    help="the RESULTS.md section to write (another one for a run at other fractions)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -179,13 +182,14 @@ def _ratio(a: float | None, b: float) -> str:
 def report(args, rows: list[dict]) -> None:
     sweep = ", ".join(f"{args.q * m:g}" for m in args.sweep)
     lines = [
-        "## Selection at the speed of reading the scores",
+        args.heading,
         "",
         f"Command: `.venv/bin/python bench/bench_selection.py --shapes {' '.join(args.shapes)} --granularities "
         f"{' '.join(args.granularities)} --q {args.q:g} --p {args.p:g} --sweep {' '.join(f'{m:g}' for m in args.sweep)}"
         f" --threads {args.threads} --repeats {args.repeats}{' --skip-old' * args.skip_old}"
         f"{f' --utility-method {args.utility_method}' * (args.utility_method != 'signed-snip')}"
-        f"{f' --files {args.files[0]} {args.files[1]}' if args.files else ''}`. Harm and utility "
+        f"{f' --files {args.files[0]} {args.files[1]}' if args.files else ''}"
+        f"{f' --heading {chr(39)}{args.heading}{chr(39)}' * (args.heading != HEADING)}`. Harm and utility "
         f"score files (float32; harm: signed-snip, random normal; utility: {args.utility_method}"
         f"{', random normal' if args.utility_method == 'signed-snip' else ', |normal| × |normal|'}) with the "
         f"scored shapes named{'; and the two --files' if args.files else ''}; all times from the page cache; {machine()}; load average at the end "
@@ -221,7 +225,7 @@ def report(args, rows: list[dict]) -> None:
         "",
     ]
     print("\n".join(lines))
-    update_section(args.results, "## Selection at the speed of reading the scores", "\n".join(lines),
+    update_section(args.results, args.heading, "\n".join(lines),
                    keep_history=True)
 
 

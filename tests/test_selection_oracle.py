@@ -299,3 +299,25 @@ def test_running_top_with_frequent_merges_short_blocks_and_nan_equals_full_sort(
     got = selection._global_sets(list(vals), vals.__getitem__, shapes, fractions, negate)
     for f in fractions:
         assert_same(got[f], old_select_global({n: -t if negate else t for n, t in vals.items()}, f), f)
+
+
+@pytest.mark.parametrize("negate", [False, True])
+def test_row_paths_equal_full_sort(negate):
+    """Per-row selection takes the block-maxima path (rows of 512 and 1024), topk (rows of 17 × 40, no block
+    divides them) or the kthvalue path (k large beside the row); ties inside and across blocks, ±0, and NaN (which
+    sends a tensor to sort keys); a sweep's fractions are prefixes of one ranking. All equal a full stable sort."""
+    g = torch.Generator().manual_seed(5)
+    ties = torch.randint(-3, 4, (30, 512), generator=g).float()
+    ties[ties == -3] = -0.0
+    ties[::4, 100:140] = 3.0  # many tied maxima in one stretch of every 4th row
+    with_nan = torch.randint(-3, 4, (20, 1024), generator=g).float()
+    with_nan[with_nan == 3] = float("nan")
+    odd = torch.randint(-3, 4, (25, 17 * 40), generator=g).float()
+    for name, t in {"ties": ties, "nan": with_nan, "odd": odd, "normal": torch.randn(40, 1024, generator=g)}.items():
+        fractions = [0.002, 0.004, 0.01, 0.03, 0.2]
+        got = selection._prefix_sets(t, fractions, "row", negate)
+        single = selection._prefix_sets(t, [0.01], "row", negate)[0.01]
+        support_ = -t if negate else t
+        for f in fractions:
+            assert torch.equal(got[f], old_top_fraction(support_, f, "row")), (name, f)
+        assert torch.equal(single, old_top_fraction(support_, 0.01, "row")), name

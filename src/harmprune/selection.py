@@ -323,17 +323,6 @@ _PENDING_TAILS = 64  # ... or once this many tensors' short last blocks wait
 _ROW_TOPK_SHARE = 16  # per-row selection uses topk while k ≤ row length / this (kthvalue above: topk slows with k)
 
 
-def _comparable(values: torch.Tensor, negate: bool = False) -> tuple[torch.Tensor, bool]:
-    """A flat tensor ordered as ``torch.sort`` orders the support (±values) and whether to negate it.
-
-    Without NaN: the float32 values themselves (no copy) and ``negate``; with NaN, the int32 sort keys of the
-    support, already negated."""
-    v = values.reshape(-1).float()
-    if v.numel() and bool(torch.isnan(v.max())):  # max is NaN iff any is
-        return sort_keys(-v if negate else v), False
-    return v, negate
-
-
 def _signed(values: torch.Tensor, negate: bool) -> torch.Tensor:
     return -values if negate else values
 
@@ -460,9 +449,11 @@ def _row_top(rows: torch.Tensor, k: int, ranked: bool, negate: bool = False) -> 
         empty = torch.empty(n_rows, 0, dtype=torch.long, device=rows.device)
         return empty if ranked else empty.reshape(0)
     block = _row_block(n_cols, k)
-    if block:
-        flat = _row_top_in_blocks(rows, k, negate, block)
+    flat = _row_top_in_blocks(rows, k, negate, block) if block else None
+    if flat is not None:
         return flat if ranked else flat.sort(dim=1).values.reshape(-1)
+    if rows.is_floating_point() and bool(torch.isnan(rows.max())):  # max is NaN iff any is: rank by sort keys
+        return _row_top(sort_keys(_signed(rows, negate)).view(rows.shape), k, ranked)
     if k * _ROW_TOPK_SHARE <= n_cols:
         # the k+1-th value equals the k-th exactly where more than k entries reach it: a tie topk settled anyhow
         values, cols = torch.topk(rows, k + 1, dim=1, largest=not negate)
@@ -489,12 +480,15 @@ def _row_block(n_cols: int, k: int) -> int:
     return block if block >= _SUB_BLOCK else 0
 
 
-def _row_top_in_blocks(rows: torch.Tensor, k: int, negate: bool, block: int) -> torch.Tensor:
+def _row_top_in_blocks(rows: torch.Tensor, k: int, negate: bool, block: int) -> torch.Tensor | None:
     """Per row, the flat indices of the top k support entries in rank order, (rows, k): the k-th largest of the
-    row's block maxima bounds its k-th entry from below, so only the blocks reaching it are ranked."""
+    row's block maxima bounds its k-th entry from below, so only the blocks reaching it are ranked. None if a
+    value is NaN (a block maximum is NaN then)."""
     n_rows, n_cols = rows.shape
     blocks = rows.view(n_rows, n_cols // block, block)
     maxima = blocks.amin(dim=2).neg_() if negate else blocks.amax(dim=2)  # of the support
+    if maxima.is_floating_point() and bool(torch.isnan(maxima.max())):
+        return None
     bound = torch.topk(maxima, k, dim=1).values[:, -1:]
     kept = torch.nonzero((maxima >= bound).view(-1)).flatten()  # at least k blocks per row, in row order
     row, at = kept // maxima.shape[1], kept % maxima.shape[1]
@@ -545,8 +539,7 @@ def _prefix_sets(values: torch.Tensor, fractions: Sequence[float], granularity: 
     if math.floor(top * n_cols) == 0:  # nothing to select: no need to look at the values
         empty = torch.empty(0, dtype=torch.long, device=values.device)
         return {f: empty for f in fractions}
-    flat, negate = _comparable(values, negate)
-    rows = flat.view(values.shape[0], -1)
+    rows = values.reshape(values.shape[0], -1).float()
     if len(fractions) == 1:
         return {top: _row_top(rows, math.floor(top * n_cols), ranked=False, negate=negate)}
     ranking = _row_top(rows, math.floor(top * n_cols), ranked=True, negate=negate)
