@@ -436,8 +436,8 @@ def _top_of_candidates(idx: torch.Tensor, vals: torch.Tensor, k: int, ranked: bo
 
 
 def _row_top(rows: torch.Tensor, k: int, ranked: bool, negate: bool = False) -> torch.Tensor:
-    """Per row of a 2-D comparable tensor, the flat indices of the k entries of largest support (``rows``,
-    negated if ``negate``), ties to the lowest column.
+    """Per row of a 2-D float (NaN ranks first) or sort-key tensor, the flat indices of the k entries of largest
+    support (``rows``, negated if ``negate``), ties to the lowest column.
 
     ``ranked``: a (rows, k) tensor, each row in rank order; otherwise all of them as one sorted 1-D tensor. For a
     k small beside the row, ``topk`` finds the top k + 1 in about one pass; only rows where it had to choose among
