@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -45,7 +46,8 @@ def test_score_select_prune(workdir, capsys):
                "--p", "0.05", "--granularity", "row", "--out", d / "m.safetensors") == 0
     mask = load_mask(d / "m.safetensors")
     assert mask.count() > 0 and mask.metadata["granularity"] == "row"
-    assert mask.metadata["harm_sha256"] == TensorFile(d / "h.safetensors").sha256()
+    assert mask.metadata["harm_sha256"] == hashlib.sha256((d / "h.safetensors").read_bytes()).hexdigest()
+    assert mask.metadata["utility_sha256"] == hashlib.sha256((d / "u.safetensors").read_bytes()).hexdigest()
     assert run("prune", "--model", d / "model", "--mask", d / "m.safetensors", "--out", d / "pruned") == 0
     pruned, _ = load_model(str(d / "pruned"))
     original, _ = load_model(str(d / "model"))

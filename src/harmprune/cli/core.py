@@ -106,6 +106,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_select(args: argparse.Namespace) -> None:
     from harmprune.errors import HarmpruneError
+    from harmprune.io import in_background
     from harmprune.selection import default_device, mask_stats, save_mask, select_grid
     from harmprune.tensorfile import TensorFile
 
@@ -116,9 +117,12 @@ def cmd_select(args: argparse.Namespace) -> None:
             raise HarmpruneError(f"--out {args.out!r}: several --{key} values need {{{key}}} in the file name")
     harm = TensorFile(args.harm)
     utility = TensorFile(args.utility) if args.utility else None
+    # the files' hashes (recorded in each mask) take longer than selecting: computed meanwhile
+    harm_sha = in_background(harm.sha256)
+    util_sha = in_background(utility.sha256) if utility else (lambda: "")
     masks = select_grid(harm, utility, args.q, args.p, args.granularity, harm_method=args.harm_method,
                         utility_method=args.utility_method, device=args.device or default_device())
-    harm_sha, util_sha = harm.sha256(), utility.sha256() if utility else ""
+    harm_sha, util_sha = harm_sha(), util_sha()
     formats = {"harm_format": str(harm.metadata.get("prompt_format", "")),
                "utility_format": str(utility.metadata.get("prompt_format", "")) if utility else ""}
     for (q, p), mask in masks.items():
