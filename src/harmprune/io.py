@@ -1,9 +1,9 @@
 """Atomic file writes and content hashes: no stage ever leaves a half-written output behind.
 
-Long hashes can run in the background (``in_background``) while the work that needs them goes on.
-
 A temporary file is named ``.<name>.<pid>-<host>-<random>.tmp``: a writer killed before its rename (SIGKILL, power
 loss) leaves it behind, and the next write of the same path on that host removes those whose process is gone.
+
+Long hashes can run in the background (``in_background``) while the work that needs them goes on.
 """
 
 from __future__ import annotations
