@@ -10,7 +10,7 @@ import torch
 from harmprune.errors import ScoreFileError
 from harmprune.selection import (
     Mask, difference, expected_jaccard, intersection, jaccard, layer_and_module, load_mask,
-    magnitude_matched_random, mask_stats, random_like, save_mask, select, select_counts, select_global,
+    magnitude_matched_random, mask_stats, random_like, save_mask, select, select_counts, select_global, select_grid,
     top_fraction, union,
 )
 
@@ -173,3 +173,19 @@ def test_select_counts_takes_exact_per_matrix_counts():
     scores = {"a": torch.tensor([[3.0, -1.0, -7.0, 2.0]]), "b": torch.tensor([[-1.0, -2.0]])}
     m = select_counts(scores, {"a": 2, "b": 1}, method="signed-snip")
     assert m.indices["a"].tolist() == [1, 2] and m.indices["b"].tolist() == [1]
+
+
+def test_a_q_that_selects_nothing_by_construction_is_logged(caplog):
+    """Rows of 40 weights at q = 0.01: floor(0.4) = 0 in every row, so the row harm set is empty; said once."""
+    g = torch.Generator().manual_seed(0)
+    harm = {"model.layers.0.a": torch.randn(8, 40, generator=g), "model.layers.0.b": torch.randn(5, 30, generator=g)}
+    with caplog.at_level("WARNING", logger="harmprune.selection"):
+        masks = select_grid(harm, None, [0.01, 0.1], [0.0], "row", harm_method="signed-snip")
+    assert masks[(0.01, 0.0)].count() == 0 and masks[(0.1, 0.0)].count() > 0
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["q = 0.01 selects no weights at row granularity: floor(q × size) is 0 for every row (the "
+                    "largest holds 40 weights)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="harmprune.selection"):
+        select_grid(harm, None, [0.01], [0.0], "matrix", harm_method="signed-snip")  # 3 of 320: something
+    assert not caplog.records

@@ -25,6 +25,7 @@ largest fraction, and every smaller fraction's set is a prefix of that ranking.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from harmprune.scoring_methods import scoring_method
 from harmprune.tensorfile import TensorFile, save_tensors
 
 GRANULARITIES = ("matrix", "row", "global")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,6 +140,7 @@ def select_grid(
         utility_method = utility_method or _method_of(utility, "utility")
         _check_compatible(harm, utility)
     shapes = {n: _shape(harm, n) for n in names}
+    _warn_empty(qs, shapes, granularity)
     harm_of = lambda n: _get(harm, n, device)  # noqa: E731
     util_of = lambda n: _get(utility, n, device)  # noqa: E731
     h_neg = scoring_method(harm_method).signed
@@ -158,6 +161,17 @@ def select_grid(
                     "utility_method": utility_method, "harmprune_version": __version__, "kind": "harm-minus-utility"}
             masks[(q, p)] = Mask(indices, dict(shapes), meta)
     return masks
+
+
+def _warn_empty(qs: Sequence[float], shapes: Mapping[str, Sequence[int]], granularity: str) -> None:
+    """Log each q whose harm set is empty by construction: floor(q × size) is 0 for every unit it counts in."""
+    sizes = [math.prod(s[1:]) if granularity == "row" else math.prod(s) for s in shapes.values()]
+    largest = sum(sizes) if granularity == "global" else max(sizes, default=0)
+    unit = {"row": "row", "matrix": "matrix", "global": "model"}[granularity]
+    for q in qs:
+        if 0 < q and math.floor(q * largest) == 0:
+            log.warning("q = %g selects no weights at %s granularity: floor(q × size) is 0 for every %s (the "
+                        "largest holds %d weights)", q, granularity, unit, largest)
 
 
 def select_global_streaming(names: Sequence[str], load: Callable[[str], torch.Tensor], fraction: float,
