@@ -25,21 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attribution import code_version, machine, update_section  # noqa: E402
-from bench_selection import SHAPES, write_scores  # noqa: E402
+from bench_selection import SHAPES, read_all, write_scores  # noqa: E402
 
 from harmprune.tensorfile import TensorFile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Reading score files"
-
-
-def read_tensorfile(paths: list[Path]) -> float:
-    start = time.perf_counter()
-    for path in paths:
-        f = TensorFile(path)
-        for name in f.names():
-            f.get(name).float().sum()
-    return time.perf_counter() - start
 
 
 def read_positioned(paths: list[Path]) -> float:
@@ -67,10 +58,10 @@ def bench_shape(spec: str, args, tmp: Path) -> dict:
     layers = int(layers or shape.layers)
     paths = [tmp / "harm.safetensors", tmp / "util.safetensors"]
     entries = sum(write_scores(shape, layers, p, i, "signed-snip") for i, p in enumerate(paths))
-    read_tensorfile(paths)  # into the page cache
+    read_all(*map(TensorFile, paths))  # into the page cache
     mapped, positioned = [], []
     for _ in range(args.repeats):
-        mapped.append(read_tensorfile(paths))
+        mapped.append(read_all(*map(TensorFile, paths)))
         positioned.append(read_positioned(paths))
     for p in paths:
         p.unlink()

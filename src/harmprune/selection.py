@@ -596,18 +596,13 @@ class _RunningTop:
         n_full = flat.numel() // self.block
         if n_full:
             blocks = flat[: n_full * self.block].view(n_full, self.block)
-            if self.negate:  # the support's maxima are the minima, negated; NaN is never "above" (not below) it
-                minima = blocks.amin(dim=1)
-                ids = torch.nonzero(~(minima > -self._floor)).flatten()
-            else:
-                maxima = blocks.amax(dim=1)
-                ids = torch.nonzero(~(maxima < self._floor)).flatten()
+            maxima = _block_max(blocks.view(-1), self.negate, self.block)
+            ids = torch.nonzero(~(maxima < self._floor)).flatten()  # not below: a NaN maximum reaches the floor
             if ids.numel() > self.k:  # more blocks than k reach an old floor: this tensor's own k-th block is higher
-                keys = sort_keys(-minima if self.negate else maxima)
+                keys = sort_keys(maxima)
                 ids = torch.nonzero(keys >= _kth_largest(keys, self.k)).flatten()
             if ids.numel():
-                tops = -minima[ids] if self.negate else maxima[ids]
-                self._rows.append((position, ids * self.block, blocks.index_select(0, ids), tops))
+                self._rows.append((position, ids * self.block, blocks.index_select(0, ids), maxima[ids]))
                 self._pending += ids.numel() * self.block
         if n_full * self.block < flat.numel():  # the short last block: its entries are candidates themselves
             self._add_entries(position, torch.arange(n_full * self.block, flat.numel(), device=flat.device), flat)
@@ -628,7 +623,7 @@ class _RunningTop:
         keys, tensor, index = torch.cat(keys), torch.cat(tensor), torch.cat(index)
         # The candidates in (tensor, index) order after the kept entries (earlier tensors), then a stable sort by
         # key descending: rank order.
-        order = torch.sort(tensor.long() * (1 << 40) + index).indices
+        order = _stream_order(tensor, index)
         keys = torch.cat([self.keys, keys[order]])
         tensor, index = torch.cat([self.tensor, tensor[order]]), torch.cat([self.index, index[order]])
         order = torch.sort(keys, descending=True, stable=True).indices[: self.k]
@@ -644,13 +639,16 @@ class _RunningTop:
         bounds the k-th largest entry from below; only blocks reaching that bound are compared, in float."""
         tops = sort_keys(torch.cat([r[3] for r in self._rows]))
         known = torch.cat([self.keys, *keys, tops])
-        bound = _kth_largest(known, self.k) if known.numel() >= self.k else known.min()
+        if known.numel() >= self.k:
+            bound = _kth_largest(known, self.k)
+            floor = float(_key_value(bound))
+        else:  # fewer than k entries known: every copied entry is a candidate
+            bound, floor = known.min(), -math.inf
         at = torch.nonzero(tops >= bound).flatten()
         rows = torch.cat([r[2] for r in self._rows]).index_select(0, at)
         starts = torch.cat([r[1] for r in self._rows])[at]
         owner = torch.cat([torch.full((r[1].numel(),), r[0], dtype=torch.int32, device=rows.device)
                            for r in self._rows])[at]
-        floor = float(_key_value(bound)) if known.numel() >= self.k else -math.inf
         hit = torch.nonzero((~(rows > -floor)) if self.negate else (~(rows < floor))).T  # NaN: not beyond it
         keys.append(sort_keys(_signed(rows[hit[0], hit[1]], self.negate)))
         tensor.append(owner[hit[0]])
@@ -661,9 +659,14 @@ class _RunningTop:
         """The top ``k`` (k ≤ self.k) split per tensor (``count`` tensors), each sorted by flat index."""
         self._merge()
         tensor, index = self.tensor[:k].long(), self.index[:k]
-        index = index[torch.sort(tensor * (1 << 40) + index).indices].cpu()
+        index = index[_stream_order(tensor, index)].cpu()
         sizes = torch.bincount(tensor, minlength=count).tolist()
         return [part.clone() for part in torch.split(index, sizes)]  # not views: safetensors refuses shared storage
+
+
+def _stream_order(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The order that sorts entries by (tensor position, flat index)."""
+    return torch.sort(tensor.long() * (1 << 40) + index).indices
 
 
 def _key_value(key: torch.Tensor) -> torch.Tensor:
